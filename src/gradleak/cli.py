@@ -1,0 +1,155 @@
+"""The command line: parses, calls the library, prints. Errors are one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gradleak.errors import GradleakError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="gradleak: how much private text leaks from transformer gradients, and what stops it.",
+)
+err = Console(stderr=True)
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log the library's progress.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def write_json(payload: Any, target: str) -> None:
+    text = json.dumps(payload, indent=2)
+    if target == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        Path(target).write_text(text + "\n", encoding="utf-8")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("objective {task.fields[objective]:.3g}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+@app.command()
+def attack(
+    victim: Annotated[str, typer.Option(help="Preset (bert-tiny, gpt2-tiny, gpt2-wide, minilm) or a model directory.")] = "bert-tiny",
+    data: Annotated[str, typer.Option(help="sample, cola, sst2, rt, wikitext, or a TSV/CSV/JSONL/text file.")] = "sample",
+    batch_size: Annotated[int, typer.Option(help="Sentences in the private batch.")] = 1,
+    attack: Annotated[str, typer.Option("--attack", help="dlg, tag, cos or exact.")] = "tag",
+    iterations: Annotated[int, typer.Option(help="Optimisation steps of gradient-matching attacks.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seeds the model, the batch and the attack.")] = 0,
+    task: Annotated[str, typer.Option(help="classify, or lm (next-token loss) for decoders.")] = "classify",
+    dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu, or cuda where present.")] = "cpu",
+    max_length: Annotated[int, typer.Option(help="Truncate sequences to this many tokens.")] = 32,
+    max_words: Annotated[int | None, typer.Option(help="Only sentences of at most this many words.")] = None,
+    withhold: Annotated[list[str] | None, typer.Option(help="Parameter group (embeddings, positions, head) or name pattern the client does not share; repeatable.")] = None,
+    protocol: Annotated[str, typer.Option(help="fedsgd (one gradient) or fedavg (weight delta).")] = "fedsgd",
+    local_steps: Annotated[int, typer.Option(help="FedAvg local SGD steps.")] = 1,
+    local_lr: Annotated[float, typer.Option(help="FedAvg local learning rate.")] = 0.01,
+    attack_lr: Annotated[float, typer.Option(help="Learning rate of gradient-matching attacks.")] = 0.01,
+    optimizer: Annotated[str, typer.Option(help="adam or lbfgs.")] = "adam",
+    known_labels: Annotated[bool, typer.Option(help="The server knows the labels.")] = False,
+    force: Annotated[bool, typer.Option(help="Run the exact attack even where its assumptions fail.")] = False,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the record as JSON to FILE ('-' for stdout).")] = None,
+) -> None:
+    """Rebuild a private batch from the gradient a client shares, and score the result."""
+    from gradleak.experiment import RunSpec, run_one
+
+    spec = RunSpec(
+        victim=victim,
+        data=data,
+        batch_size=batch_size,
+        attack=attack,
+        iterations=iterations,
+        seed=seed,
+        task=task,
+        dtype=dtype,
+        device=device,
+        max_length=max_length,
+        max_words=max_words,
+        withhold=tuple(withhold or ()),
+        protocol=protocol,
+        local_steps=local_steps,
+        local_lr=local_lr,
+        attack_lr=attack_lr,
+        optimizer=optimizer,
+        known_labels=known_labels,
+        force=force,
+    )
+    spec.validate()
+    quiet = json_out == "-"
+    with _progress(err) as bar:
+        job = bar.add_task(f"{attack} on {victim}", total=iterations, objective=float("nan"))
+
+        def tick(step: int, total: int, value: float) -> None:
+            bar.update(job, completed=step, total=total, objective=value)
+
+        record = run_one(spec, progress=tick)
+    if not quiet:
+        _show_record(record)
+    if json_out is not None:
+        write_json(record.to_json(), json_out)
+
+
+def _show_record(record) -> None:
+    out = Console()
+    table = Table(title=f"{record.spec.attack} on {record.spec.victim}, batch of {record.spec.batch_size}")
+    table.add_column("reference")
+    table.add_column("reconstruction")
+    from gradleak.metrics import match
+
+    assignment = match(record.references, record.reconstructions) if record.reconstructions else []
+    for i, ref in enumerate(record.references):
+        j = assignment[i] if i < len(assignment) else -1
+        rec = record.reconstructions[j] if 0 <= j < len(record.reconstructions) else ""
+        table.add_row(ref, rec, style=None)
+    out.print(table)
+    s = record.scores
+    out.print(
+        f"ROUGE-1 {s.rouge1:.1f}  ROUGE-2 {s.rouge2:.1f}  ROUGE-L {s.rougeL:.1f}  "
+        f"token accuracy {s.token_accuracy:.1f}  exact match {s.exact_match:.1f}  "
+        f"({record.seconds:.1f} s)"
+    )
+    if record.labels is not None:
+        out.print(f"labels {list(record.labels)}, inferred {record.inferred_labels}")
+    for note in record.notes:
+        out.print(f"note: {note}")
+
+
+def main() -> None:
+    try:
+        app()
+    except GradleakError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise SystemExit(130) from None

@@ -1,0 +1,280 @@
+"""Real text for private batches: named data sets, user files, and seeded batch sampling."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from gradleak.errors import GradleakError
+
+log = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "GRADLEAK_DATA_DIR"
+TEXT_KEYS = ("text", "sentence", "review", "content")
+LABEL_KEYS = ("label", "labels", "target", "class")
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A client's private batch: what the attack must never see."""
+
+    input_ids: torch.Tensor  # (B, L), right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    labels: torch.Tensor | None  # (B,) class labels, or None for language modelling
+    texts: tuple[str, ...]  # the reference texts (decoded from the truncated tokens)
+    token_ids: tuple[tuple[int, ...], ...]  # per sequence, non-pad tokens, specials included
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(len(t) for t in self.token_ids)
+
+    def to(self, device: str | torch.device) -> Batch:
+        labels = None if self.labels is None else self.labels.to(device)
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            labels,
+            self.texts,
+            self.token_ids,
+        )
+
+
+def shared_data_dir() -> Path | None:
+    """The project's shared data folder: $GRADLEAK_DATA_DIR, else a `shared/data` found upward."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env)
+    for start in (Path.cwd(), Path(__file__).resolve().parent):
+        for folder in (start, *start.parents):
+            candidate = folder / "shared" / "data"
+            if (candidate / "README.md").is_file():
+                return candidate
+    return None
+
+
+def _named(relative: Sequence[str], reader: Callable[[list[Path]], list[Example]]):
+    def load() -> list[Example]:
+        root = shared_data_dir()
+        if root is None:
+            raise GradleakError(
+                f"the shared data folder was not found; set {DATA_DIR_ENV} to the folder "
+                "holding cola/, sst2/ and rt-polarity/"
+            )
+        paths = [root / r for r in relative]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise GradleakError(f"data file not found: {missing[0]}")
+        return reader(paths)
+
+    return load
+
+
+def _read_cola(paths: list[Path]) -> list[Example]:
+    return _read_delimited(paths[0], "\t")
+
+
+def _read_sst2(paths: list[Path]) -> list[Example]:
+    return _read_delimited(paths[0], "\t")
+
+
+def _read_rt(paths: list[Path]) -> list[Example]:
+    pos, neg = paths
+    out: list[Example] = []
+    for path, label in ((neg, 0), (pos, 1)):
+        lines = path.read_text(encoding="latin-1").splitlines()
+        out.extend(Example(" ".join(line.split()), label) for line in lines if line.strip())
+    return out
+
+
+def _read_wikitext(paths: list[Path]) -> list[Example]:
+    lines = paths[0].read_text(encoding="utf-8").splitlines()
+    keep = [line.strip() for line in lines if line.strip() and not line.strip().startswith("=")]
+    return [Example(line) for line in keep]
+
+
+def _read_sample() -> list[Example]:
+    text = resources.files("gradleak").joinpath("resources/sample.tsv").read_text("utf-8")
+    return _parse_delimited(text.splitlines(), "\t", "built-in sample")
+
+
+NAMED_DATA: dict[str, Callable[[], list[Example]]] = {
+    "sample": _read_sample,
+    "cola": _named(["cola/dev.tsv"], _read_cola),
+    "sst2": _named(["sst2/dev.tsv"], _read_sst2),
+    "rt": _named(["rt-polarity/rt-polarity.pos", "rt-polarity/rt-polarity.neg"], _read_rt),
+    "wikitext": _named(["wikitext-2/valid.txt"], _read_wikitext),
+}
+
+
+def _as_label(value: str) -> int | None:
+    value = value.strip()
+    if value.lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _parse_delimited(lines: list[str], delimiter: str, where: str) -> list[Example]:
+    rows = [r for r in csv.reader(lines, delimiter=delimiter) if any(c.strip() for c in r)]
+    if not rows:
+        raise GradleakError(f"no sentences in {where}")
+    header = [c.strip().lower() for c in rows[0]]
+    text_col = next((header.index(k) for k in TEXT_KEYS if k in header), None)
+    if text_col is not None:
+        label_col = next((header.index(k) for k in LABEL_KEYS if k in header), None)
+        rows = rows[1:]
+    else:
+        first = rows[0]
+        label_col = next((i for i, c in enumerate(first) if _as_label(c) is not None), None)
+        text_candidates = [i for i in range(len(first)) if i != label_col]
+        if not text_candidates:
+            raise GradleakError(f"no text column in {where}")
+        text_col = max(text_candidates, key=lambda i: len(first[i]))
+    width = max(text_col, label_col or 0) + 1
+    out: list[Example] = []
+    for number, row in enumerate(rows, start=1):
+        if len(row) < width:
+            raise GradleakError(f"malformed row {number} in {where}: expected {width} columns")
+        text = " ".join(row[text_col].split())
+        label = None
+        if label_col is not None:
+            label = _as_label(row[label_col])
+            if label is None:
+                raise GradleakError(f"malformed label {row[label_col]!r} in row {number} of {where}")
+        if text:
+            out.append(Example(text, label))
+    return out
+
+
+def _read_delimited(path: Path, delimiter: str) -> list[Example]:
+    return _parse_delimited(_read_lines(path), delimiter, str(path))
+
+
+def _read_lines(path: Path) -> list[str]:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1").splitlines()
+
+
+def _read_jsonl(path: Path) -> list[Example]:
+    out: list[Example] = []
+    for number, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise GradleakError(f"malformed JSON on line {number} of {path}: {exc.msg}") from None
+        if isinstance(obj, str):
+            out.append(Example(" ".join(obj.split())))
+            continue
+        if not isinstance(obj, dict):
+            raise GradleakError(f"line {number} of {path} is neither an object nor a string")
+        key = next((k for k in TEXT_KEYS if k in obj), None)
+        if key is None:
+            raise GradleakError(f"line {number} of {path} has no text field ({', '.join(TEXT_KEYS)})")
+        label_key = next((k for k in LABEL_KEYS if k in obj), None)
+        label = None
+        if label_key is not None:
+            label = _as_label(str(obj[label_key]))
+            if label is None:
+                raise GradleakError(f"malformed label on line {number} of {path}")
+        out.append(Example(" ".join(str(obj[key]).split()), label))
+    return out
+
+
+def _read_plain(path: Path) -> list[Example]:
+    return [Example(" ".join(line.split())) for line in _read_lines(path) if line.strip()]
+
+
+FILE_READERS: dict[str, Callable[[Path], list[Example]]] = {
+    ".tsv": lambda p: _read_delimited(p, "\t"),
+    ".csv": lambda p: _read_delimited(p, ","),
+    ".jsonl": _read_jsonl,
+    ".json": _read_jsonl,
+}
+
+
+def load_examples(source: str) -> list[Example]:
+    """Examples from a named data set (`sample`, `cola`, `sst2`, `rt`, `wikitext`) or a file."""
+    if source in NAMED_DATA:
+        examples = NAMED_DATA[source]()
+    else:
+        path = Path(source)
+        if not path.exists():
+            names = ", ".join(NAMED_DATA)
+            raise GradleakError(f"unknown data {source!r}: not a file, nor one of {names}")
+        if not path.is_file():
+            raise GradleakError(f"data path {source!r} is not a file")
+        reader = FILE_READERS.get(path.suffix.lower(), _read_plain)
+        examples = reader(path)
+    if not examples:
+        raise GradleakError(f"no sentences in data {source!r}")
+    log.debug("loaded %d examples from %s", len(examples), source)
+    return examples
+
+
+def filter_by_words(
+    examples: Sequence[Example], min_words: int = 0, max_words: int | None = None
+) -> list[Example]:
+    """Keep examples whose word count lies in [min_words, max_words]."""
+    return [
+        e
+        for e in examples
+        if len(e.text.split()) >= min_words and (max_words is None or len(e.text.split()) <= max_words)
+    ]
+
+
+def sample_examples(examples: Sequence[Example], batch_size: int, seed: int) -> list[Example]:
+    """A seeded draw of `batch_size` distinct examples."""
+    if batch_size < 1:
+        raise GradleakError(f"batch size must be at least 1, got {batch_size}")
+    if batch_size > len(examples):
+        raise GradleakError(f"batch size {batch_size} is larger than the data ({len(examples)} sentences)")
+    return random.Random(seed).sample(list(examples), batch_size)
+
+
+def make_batch(
+    examples: Sequence[Example],
+    tokenizer,
+    max_length: int = 32,
+    *,
+    with_labels: bool = True,
+) -> Batch:
+    """Tokenise examples into a right-padded batch; references are the decoded truncated tokens."""
+    if max_length < 2:
+        raise GradleakError(f"max length must be at least 2, got {max_length}")
+    enc = tokenizer(
+        [e.text for e in examples],
+        padding="longest",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    token_ids = tuple(tuple(int(t) for t, m in zip(row, mrow, strict=True) if m) for row, mrow in zip(ids, mask, strict=True))
+    texts = tuple(tokenizer.decode(list(t), skip_special_tokens=True).strip() for t in token_ids)
+    labels = None
+    if with_labels:
+        labels = torch.tensor([0 if e.label is None else e.label for e in examples], dtype=torch.long)
+    return Batch(ids, mask, labels, texts, token_ids)

@@ -1,0 +1,166 @@
+"""One run end to end: RunSpec -> victim + batch -> update -> attack -> scores = RunRecord."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from gradleak.attacks import AttackOptions, Knowledge, Reconstruction, get_attack
+from gradleak.attacks.base import Progress
+from gradleak.client import Update, fedavg, fedsgd
+from gradleak.data import filter_by_words, load_examples, make_batch, sample_examples
+from gradleak.errors import GradleakError
+from gradleak.metrics import Scores, score
+from gradleak.victims import load_victim
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("fedsgd", "fedavg")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines a run; any record can be re-run from its spec."""
+
+    victim: str = "bert-tiny"
+    data: str = "sample"
+    batch_size: int = 1
+    attack: str = "tag"
+    iterations: int = 300
+    seed: int = 0
+    task: str = "classify"
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_length: int = 32
+    min_words: int = 0
+    max_words: int | None = None
+    withhold: tuple[str, ...] = ()
+    protocol: str = "fedsgd"
+    local_steps: int = 1
+    local_lr: float = 0.01
+    attack_lr: float = 0.01
+    optimizer: str = "adam"
+    known_labels: bool = False
+    known_lengths: bool = True
+    force: bool = False
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise GradleakError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.iterations < 1:
+            raise GradleakError(f"iterations must be at least 1, got {self.iterations}")
+        if self.protocol not in PROTOCOLS:
+            raise GradleakError(f"unknown protocol {self.protocol!r}; choose {' or '.join(PROTOCOLS)}")
+        if self.max_words is not None and self.max_words < self.min_words:
+            raise GradleakError("max words is smaller than min words")
+        get_attack(self.attack)
+
+    def options(self) -> AttackOptions:
+        return AttackOptions(
+            iterations=self.iterations,
+            learning_rate=self.attack_lr,
+            optimizer=self.optimizer,
+            seed=self.seed,
+            force=self.force,
+        )
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    spec: RunSpec
+    references: tuple[str, ...]
+    reconstructions: tuple[str, ...]
+    scores: Scores
+    seconds: float
+    labels: tuple[int, ...] | None
+    inferred_labels: tuple[int, ...] | None
+    notes: tuple[str, ...] = ()
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "victim": self.spec.victim,
+            "attack": self.spec.attack,
+            "data": self.spec.data,
+            "batch_size": self.spec.batch_size,
+            "seed": self.spec.seed,
+            "references": list(self.references),
+            "reconstructions": list(self.reconstructions),
+            "scores": self.scores.as_dict(),
+            "seconds": self.seconds,
+            "labels": None if self.labels is None else list(self.labels),
+            "inferred_labels": None if self.inferred_labels is None else list(self.inferred_labels),
+            "notes": list(self.notes),
+            "spec": asdict(self.spec),
+            "environment": self.environment,
+        }
+
+
+def environment(device: str) -> dict[str, str]:
+    env = {"python": platform.python_version(), "device": device}
+    for pkg in ("gradleak", "torch", "transformers", "rouge-score"):
+        try:
+            env[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            env[pkg] = "not installed"
+    return env
+
+
+def strip_special(token_ids, special: set[int]) -> list[list[int]]:
+    return [[t for t in seq if t not in special] for seq in token_ids]
+
+
+def make_update(spec: RunSpec, victim, batch) -> Update:
+    if spec.protocol == "fedavg":
+        return fedavg(
+            victim, batch, local_steps=spec.local_steps, learning_rate=spec.local_lr, withhold=spec.withhold
+        )
+    return fedsgd(victim, batch, withhold=spec.withhold)
+
+
+def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
+    """Run one attack as the spec says and score it against the private batch."""
+    spec.validate()
+    attack = get_attack(spec.attack)
+    options = spec.options()
+    torch.manual_seed(spec.seed)
+    victim = load_victim(spec.victim, task=spec.task, dtype=spec.dtype, seed=spec.seed, device=spec.device)
+    examples = filter_by_words(load_examples(spec.data), spec.min_words, spec.max_words)
+    if not examples:
+        raise GradleakError(f"no sentences in {spec.data!r} have {spec.min_words}-{spec.max_words} words")
+    chosen = sample_examples(examples, spec.batch_size, spec.seed)
+    batch = make_batch(chosen, victim.tokenizer, spec.max_length, with_labels=victim.task == "classify")
+    update = make_update(spec, victim, batch)
+    knowledge = Knowledge(
+        batch_size=batch.size,
+        lengths=batch.lengths if spec.known_lengths else None,
+        labels=tuple(int(x) for x in batch.labels) if spec.known_labels and batch.labels is not None else None,
+    )
+    start = time.perf_counter()
+    rec: Reconstruction = attack.reconstruct(victim, update, knowledge, options, progress)
+    seconds = time.perf_counter() - start
+    special = set(victim.tokenizer.all_special_ids)
+    scores = score(
+        batch.texts,
+        rec.texts,
+        strip_special(batch.token_ids, special),
+        strip_special(rec.token_ids, special),
+    )
+    log.info("%s on %s B=%d: %s", spec.attack, spec.victim, spec.batch_size, scores)
+    return RunRecord(
+        spec=spec,
+        references=batch.texts,
+        reconstructions=rec.texts,
+        scores=scores,
+        seconds=seconds,
+        labels=None if batch.labels is None else tuple(int(x) for x in batch.labels),
+        inferred_labels=rec.labels,
+        notes=rec.notes,
+        environment=environment(spec.device),
+    )

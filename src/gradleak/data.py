@@ -272,7 +272,10 @@ def make_batch(
         return_tensors="pt",
     )
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    token_ids = tuple(tuple(int(t) for t, m in zip(row, mrow, strict=True) if m) for row, mrow in zip(ids, mask, strict=True))
+    token_ids = tuple(
+        tuple(int(t) for t, m in zip(row, mrow, strict=True) if m)
+        for row, mrow in zip(ids, mask, strict=True)
+    )
     texts = tuple(tokenizer.decode(list(t), skip_special_tokens=True).strip() for t in token_ids)
     labels = None
     if with_labels:

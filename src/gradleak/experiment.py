@@ -140,7 +140,9 @@ def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
     knowledge = Knowledge(
         batch_size=batch.size,
         lengths=batch.lengths if spec.known_lengths else None,
-        labels=tuple(int(x) for x in batch.labels) if spec.known_labels and batch.labels is not None else None,
+        labels=tuple(int(x) for x in batch.labels)
+        if spec.known_labels and batch.labels is not None
+        else None,
     )
     start = time.perf_counter()
     rec: Reconstruction = attack.reconstruct(victim, update, knowledge, options, progress)

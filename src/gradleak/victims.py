@@ -57,6 +57,28 @@ class Victim:
             "opt",
         }
 
+    def model_inputs(
+        self,
+        *,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the model with batch-shaped positions (and token types where the
+        model has them), which per-example tools such as Opacus need."""
+        shape = attention_mask.shape
+        if position_ids is None:
+            position_ids = torch.arange(shape[1], device=attention_mask.device).expand(shape)
+        kwargs: dict[str, torch.Tensor] = {"attention_mask": attention_mask, "position_ids": position_ids}
+        if getattr(self.model.config, "type_vocab_size", None):
+            kwargs["token_type_ids"] = torch.zeros_like(attention_mask)
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
+        else:
+            kwargs["input_ids"] = input_ids
+        return kwargs
+
     def logits(
         self,
         *,
@@ -64,16 +86,9 @@ class Victim:
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        shape = attention_mask.shape
-        kwargs: dict[str, torch.Tensor] = {"attention_mask": attention_mask}
-        positions = torch.arange(shape[1], device=attention_mask.device).expand(shape)
-        kwargs["position_ids"] = positions
-        if "token_type_ids" in _forward_args(type(self.model)):
-            kwargs["token_type_ids"] = torch.zeros_like(attention_mask)
-        if inputs_embeds is not None:
-            kwargs["inputs_embeds"] = inputs_embeds
-        else:
-            kwargs["input_ids"] = input_ids
+        kwargs = self.model_inputs(
+            attention_mask=attention_mask, input_ids=input_ids, inputs_embeds=inputs_embeds
+        )
         return self.model(**kwargs).logits
 
     def loss(
@@ -108,13 +123,6 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
     "classify": _classify_loss,
     "lm": _lm_loss,
 }
-
-
-@cache
-def _forward_args(cls: type) -> frozenset[str]:
-    import inspect
-
-    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 # ---------------------------------------------------------------- tokenizers

@@ -1,6 +1,6 @@
 """Attacks registered by name: gradient matching (dlg, tag, cos) and exact recovery (exact)."""
 
-from gradleak.attacks import matching  # noqa: F401  (registers dlg, tag, cos)
+from gradleak.attacks import exact, matching  # noqa: F401  (register the attacks)
 from gradleak.attacks.base import (
     ATTACKS,
     Attack,

@@ -1,0 +1,58 @@
+"""Row spans of weight gradients and distances to them, in float64.
+
+For a linear map applied token-wise, the weight gradient is a sum of outer products
+delta_i x_i^T over the tokens i of the batch, so its rows span (at most) the inputs x_i that
+occurred: rank <= number of distinct tokens. A candidate input lies in that span exactly when it
+occurred (generically). The rank is cut at the last relative singular-value gap of at least MIN_GAP
+(the largest gap when there is none that clean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_GAP = 1e3  # a clean rank cut separates singular values by at least this factor
+
+
+@dataclass(frozen=True)
+class Span:
+    basis: torch.Tensor  # (d, r) orthonormal columns, float64
+    rank: int
+    dim: int
+    gap: float  # s_r / s_{r+1}
+
+    @property
+    def full(self) -> bool:
+        return self.rank >= self.dim or self.gap < MIN_GAP
+
+
+def span_of(rows: torch.Tensor, max_rank: int | None = None) -> Span:
+    """The row span of `rows` (k, d), cut at the last singular-value gap of at least MIN_GAP."""
+    rows = rows.to(torch.float64)
+    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
+    dim = rows.shape[1]
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return Span(torch.zeros(dim, 0, dtype=torch.float64), 0, dim, float("inf"))
+    rel = s / s[0]
+    limit = len(s) if max_rank is None else min(len(s), max_rank + 1)
+    if limit < 2:
+        return Span(vh[:1].T.contiguous(), 1, dim, float("inf"))
+    ratios = rel[: limit - 1] / rel[1:limit].clamp_min(1e-300)
+    big = torch.nonzero(ratios >= MIN_GAP).flatten()
+    if len(big):  # the last clean drop: signal may fall steeply, noise after the rank does not
+        rank = int(big[-1]) + 1
+    else:
+        rank = int(torch.argmax(torch.log(ratios))) + 1
+    gap = float(ratios[rank - 1])
+    if gap < MIN_GAP and len(s) >= dim:
+        rank = dim
+    return Span(vh[:rank].T.contiguous(), rank, dim, gap)
+
+
+def residual(span: Span, x: torch.Tensor) -> torch.Tensor:
+    """Relative distance ||x - P x|| / ||x|| of each row of x (..., d) to the span."""
+    x = x.to(torch.float64)
+    proj = (x @ span.basis) @ span.basis.T
+    return (x - proj).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-300)

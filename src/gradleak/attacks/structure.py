@@ -1,0 +1,146 @@
+"""Where the exact attack looks, found from the model's structure rather than from its name.
+
+A transformer's layers are its longest `nn.ModuleList`. A probe forward pass groups each layer's
+linear maps (nn.Linear or GPT-2's Conv1D) by the tensor they read: the first group is the
+attention's input projections (BERT's query/key/value, GPT-2's c_attn). Inputs to a map are
+captured with a forward hook that stops the pass as soon as it has what it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gradleak.victims import Victim
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Projection:
+    name: str  # parameter name of the weight
+    transposed: bool  # Conv1D stores (in, out); nn.Linear stores (out, in)
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def layer_blocks(model: nn.Module) -> nn.ModuleList:
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError("the model has no list of layers")
+    return max(lists, key=len)
+
+
+def position_embedding(model: nn.Module) -> tuple[str, nn.Embedding] | None:
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    word = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module is not word and module.num_embeddings == limit:
+            return name, module
+    return None
+
+
+def word_embedding_name(model: nn.Module) -> str:
+    word = model.get_input_embeddings().weight
+    return next(n for n, p in model.named_parameters() if p is word)
+
+
+def projection_groups(victim: Victim, block: int) -> list[tuple[Projection, ...]]:
+    """The block's linear maps, grouped by the input they read, in the order the forward runs them.
+
+    BERT: (query, key, value), (attention output), (intermediate), (output); GPT-2: (c_attn),
+    (attn.c_proj), (mlp.c_fc), (mlp.c_proj).
+    """
+    model = victim.model
+    target = layer_blocks(model)[block]
+    seen: list[tuple[str, nn.Module, torch.Tensor]] = []
+    handles = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module, args):
+        seen.append((names[module], module, args[0]))  # tensors kept alive: compared by identity
+
+    for module in target.modules():
+        if _is_projection(module):
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        ids = torch.zeros(1, 3, dtype=torch.long, device=victim.device)
+        with torch.no_grad():
+            model(**victim.model_inputs(attention_mask=torch.ones_like(ids), input_ids=ids))
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[Projection]]] = []
+    for name, module, tensor in seen:
+        proj = Projection(f"{name}.weight", type(module).__name__ == "Conv1D")
+        for held, members in groups:
+            if held is tensor:
+                members.append(proj)
+                break
+        else:
+            groups.append((tensor, [proj]))
+    return [tuple(members) for _, members in groups]
+
+
+def attention_projections(victim: Victim, block: int) -> tuple[Projection, ...]:
+    """The projections that read the block's input: query, key and value."""
+    return projection_groups(victim, block)[0]
+
+
+def context_projections(victim: Victim, block: int) -> tuple[Projection, ...]:
+    """The last hidden-width group of the block (the MLP input): it reads each token after the
+    block's attention has mixed in its context, and every token's row enters its gradient."""
+    hidden = victim.hidden_size
+    groups = projection_groups(victim, block)
+    wide = [g for g in groups[1:] if _in_features(victim, g[0]) == hidden]
+    return wide[-1]
+
+
+def _in_features(victim: Victim, proj: Projection) -> int:
+    weight = victim.model.get_parameter(proj.name)
+    return int(weight.shape[0] if proj.transposed else weight.shape[1])
+
+
+def capture_input(
+    victim: Victim,
+    proj: Projection,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The input (B, L, d) to the projection `proj` for these token ids (the pass stops there)."""
+    module = victim.model.get_submodule(proj.name.rsplit(".", 1)[0])
+    captured: list[torch.Tensor] = []
+
+    def hook(mod, args):
+        captured.append(args[0].detach())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    kwargs = victim.model_inputs(attention_mask=attention_mask, input_ids=input_ids, position_ids=position_ids)
+    try:
+        with torch.no_grad():
+            victim.model(**kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def gradient_rows(gradients: dict[str, torch.Tensor], projections: tuple[Projection, ...]) -> torch.Tensor:
+    """Stack the projections' weight gradients so that their rows span the inputs that occurred."""
+    mats = []
+    for p in projections:
+        g = gradients[p.name].detach().to(torch.float64).cpu()
+        mats.append(g.T if p.transposed else g)
+    return torch.cat(mats, dim=0)

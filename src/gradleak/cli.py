@@ -77,7 +77,7 @@ def attack(
     withhold: Annotated[
         list[str] | None,
         typer.Option(
-            help="Parameter group (embeddings, positions, head) or name pattern the client does not share; repeatable."
+            help="Group (embeddings, positions, head) or name pattern kept from the server; repeatable."
         ),
     ] = None,
     protocol: Annotated[str, typer.Option(help="fedsgd (one gradient) or fedavg (weight delta).")] = "fedsgd",

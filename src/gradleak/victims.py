@@ -276,6 +276,7 @@ def load_victim(
         raise GradleakError(
             f"unknown victim {name!r}: not a model directory, nor one of {', '.join(PRESETS)}"
         )
+    _quiet_transformers()
     torch.manual_seed(seed)
     model, tok = builder(task, num_labels)
     _force_eager(model)
@@ -283,6 +284,14 @@ def load_victim(
     model.eval()  # dropout off: the shared update is a deterministic function of the batch
     log.info("victim %s (%s, %s) loaded with seed %d", name, task, dtype, seed)
     return Victim(name=name, model=model, tokenizer=tok, task=task, num_labels=num_labels, seed=seed)
+
+
+def _quiet_transformers() -> None:
+    """Loading reports and progress bars are the CLI's business, not the library's."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _force_eager(model: nn.Module) -> None:

@@ -44,10 +44,13 @@ from gradleak.victims import Victim
 
 log = logging.getLogger(__name__)
 
-ACCEPT = 1e-3  # relative span residual under which a candidate counts as present (float64 updates)
+ACCEPT = 1e-3  # largest relative span residual of a present candidate (float64 updates)
 ACCEPT_FLOAT32 = 2e-2  # the same for updates computed in float32
+MARGIN = 30.0  # present candidates lie within this factor of the run's typical best residual
 CHUNK = 4096
 MAX_PREFIXES = 2048
+RESTARTS = 3
+SOLVED = 1e-3  # a restart whose total residual is below SOLVED * threshold * B needs no other
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ class ExactAttack:
             candidates.scores.append(scores)
             if progress is not None:
                 progress(p + 1, limit, float(scores[0]) if len(scores) else float("nan"))
+        candidates = _tighten(candidates, threshold, knowledge.batch_size)
         log.info(
             "rank %d/%d, %d positions, candidates per position %s",
             span1.rank,
@@ -174,7 +178,7 @@ class ExactAttack:
             [len(t) for t in candidates.tokens],
         )
         assemble = _assemble_decoder if victim.is_decoder else _assemble_encoder
-        sequences = assemble(victim, candidates, check, threshold, knowledge)
+        sequences = assemble(victim, candidates, check, threshold, knowledge, start + options.time_budget)
         if knowledge.batch_size is not None and len(sequences) > knowledge.batch_size:
             sequences = sequences[: knowledge.batch_size]
         labels = None
@@ -188,6 +192,23 @@ class ExactAttack:
             seconds=time.perf_counter() - start,
             notes=tuple(notes),
         )
+
+
+def _tighten(cands: Candidates, threshold: float, batch_size: int | None) -> Candidates:
+    """Keep candidates within MARGIN of the typical best residual (true rows sit at the precision
+    of the update, false ones that pass the coarse threshold sit orders of magnitude above), and
+    no more per position than there are sequences, when the batch size is known."""
+    best = [float(s[0]) for s in cands.scores if len(s)]
+    if not best:
+        return cands
+    cut = min(threshold, max(MARGIN * float(np.median(best)), 1e-13))
+    tokens, scores = [], []
+    for t, s in zip(cands.tokens, cands.scores, strict=True):
+        keep = s < cut
+        t, s = t[keep][:batch_size], s[keep][:batch_size]  # already sorted by residual
+        tokens.append(t)
+        scores.append(s)
+    return Candidates(tokens, scores)
 
 
 # ------------------------------------------------------------------ second-layer residuals
@@ -227,7 +248,12 @@ def context_residuals(victim: Victim, check: ContextCheck, seqs: list[list[int]]
 
 
 def _assemble_decoder(
-    victim: Victim, cands: Candidates, check: ContextCheck, threshold: float, knowledge: Knowledge
+    victim: Victim,
+    cands: Candidates,
+    check: ContextCheck,
+    threshold: float,
+    knowledge: Knowledge,
+    deadline: float,
 ) -> list[list[int]]:
     """Grow prefixes position by position; keep extensions whose last second-layer input is in span."""
     if not cands.tokens or len(cands.tokens[0]) == 0:
@@ -280,12 +306,13 @@ def _encoder_lengths(victim: Victim, cands: Candidates, knowledge: Knowledge) ->
     if not ends:
         ends = [n_pos]
     lengths = sorted(ends, reverse=True)
-    # every position must have at least as many live sequences as distinct tokens found there
-    for p in range(n_pos):
-        need = len(cands.tokens[p])
-        while sum(1 for n in lengths if n > p) < need:
-            longer = [n for n in set(lengths) if n > p]
-            lengths.append(min(longer) if longer else n_pos)
+    # every position needs at least as many live sequences as it has distinct tokens; walking from
+    # the end, cover a shortfall with the shortest length that reaches the position
+    for p in reversed(range(n_pos)):
+        while sum(1 for n in lengths if n > p) < len(cands.tokens[p]):
+            if knowledge.batch_size is not None and len(lengths) >= knowledge.batch_size:
+                break
+            lengths.append(min(e for e in [*ends, n_pos] if e > p))
     target = knowledge.batch_size
     while target is not None and len(lengths) < target:
         lengths.append(max(lengths))
@@ -293,40 +320,45 @@ def _encoder_lengths(victim: Victim, cands: Candidates, knowledge: Knowledge) ->
 
 
 def _assemble_encoder(
-    victim: Victim, cands: Candidates, check: ContextCheck, threshold: float, knowledge: Knowledge
+    victim: Victim,
+    cands: Candidates,
+    check: ContextCheck,
+    threshold: float,
+    knowledge: Knowledge,
+    deadline: float,
 ) -> list[list[int]]:
+    """Assign each position's candidates to sequences so that every sequence's context inputs lie
+    in the span: coordinate descent over positions (Hungarian assignment of that position's tokens
+    to the live sequences, all else fixed), from several seeded random starts, until `deadline`
+    (a time.perf_counter() value) passes."""
     lengths = _encoder_lengths(victim, cands, knowledge)
     prefix, suffix = special_template(victim.tokenizer)
-    n = len(lengths)
-    seqs = [[0] * length for length in lengths]
+    specials = set(prefix) | set(suffix)
+    n, width = len(lengths), max(lengths)
+    base = [[0] * length for length in lengths]
     fixed = [[False] * length for length in lengths]
     for i, length in enumerate(lengths):
         for k, t in enumerate(prefix):
-            seqs[i][k], fixed[i][k] = t, True
+            base[i][k], fixed[i][k] = t, True
         for k, t in enumerate(suffix):
-            seqs[i][length - len(suffix) + k], fixed[i][length - len(suffix) + k] = t, True
-    specials = set(prefix) | set(suffix)
+            base[i][length - len(suffix) + k], fixed[i][length - len(suffix) + k] = t, True
+    options = []
+    for p in range(width):
+        toks = [int(t) for t in cands.tokens[p]] if p < len(cands.tokens) else []
+        options.append([t for t in toks if t not in specials] or toks)
+    free = [[i for i in range(n) if p < lengths[i] and not fixed[i][p]] for p in range(width)]
 
-    def options_at(p: int) -> list[int]:
-        toks = [int(t) for t in cands.tokens[p] if int(t) not in specials] if p < len(cands.tokens) else []
-        return toks or [int(t) for t in cands.tokens[p]] if p < len(cands.tokens) else []
+    def cost(seqs: list[list[int]]) -> torch.Tensor:
+        res = context_residuals(victim, check, seqs)
+        return torch.where(torch.isinf(res), torch.zeros_like(res), res).sum(dim=1)
 
-    def free(p: int) -> list[int]:
-        return [i for i in range(n) if p < lengths[i] and not fixed[i][p]]
-
-    # initial assignment: distinct tokens spread over the live sequences, best first
-    for p in range(max(lengths)):
-        rows, toks = free(p), options_at(p)
-        for k, i in enumerate(rows):
-            if toks:
-                seqs[i][p] = toks[k % len(toks)]
-    if n == 1:
-        return seqs
-    for _sweep in range(4):
+    def sweep(seqs: list[list[int]], cover: bool = True) -> bool:
+        """Hungarian re-assignment of each position's tokens, all else fixed; with `cover` every
+        candidate token is used by some live sequence, without it a false candidate may go unused."""
         changed = False
-        for p in range(max(lengths)):
-            rows, toks = free(p), options_at(p)
-            if len(rows) < 2 or not toks:
+        for p in range(width):
+            rows, toks = free[p], options[p]
+            if len(rows) < 2 or len(toks) < 1:
                 continue
             trial = []
             for i in rows:
@@ -334,21 +366,76 @@ def _assemble_encoder(
                     s = list(seqs[i])
                     s[p] = t
                     trial.append(s)
-            res = context_residuals(victim, check, trial)
-            res = torch.where(torch.isinf(res), torch.zeros_like(res), res)
-            cost = torch.log(res.clamp_min(1e-30)).mean(dim=1).reshape(len(rows), len(toks)).numpy()
-            # each token must be used at least once: tile columns to cover every live row
-            reps = -(-len(rows) // len(toks))
-            tiled = np.tile(cost, (1, reps))
-            r_idx, c_idx = linear_sum_assignment(tiled)
-            for r, c in zip(r_idx, c_idx, strict=True):
-                t = toks[c % len(toks)]
+            c = cost(trial).reshape(len(rows), len(toks)).numpy()
+            reps = -(-len(rows) // len(toks)) if cover else len(rows)
+            r_idx, c_idx = linear_sum_assignment(np.tile(c, (1, reps)))
+            for r, k in zip(r_idx, c_idx, strict=True):
+                t = toks[k % len(toks)]
                 if seqs[rows[r]][p] != t:
                     seqs[rows[r]][p] = t
                     changed = True
-        if not changed:
+        return changed
+
+    def crossover(seqs: list[list[int]], current: torch.Tensor) -> bool:
+        """The best swap of heads (positions before p) between two sequences, if it helps: it moves
+        a sentence's start to the length slot it belongs to, which single-position moves cannot."""
+        moves, trial = [], []
+        for a in range(n):
+            for b in range(a + 1, n):
+                for p in range(2, min(lengths[a], lengths[b])):
+                    if seqs[a][:p] == seqs[b][:p]:
+                        continue
+                    moves.append((a, b, p))
+                    trial.append(seqs[b][:p] + seqs[a][p:])
+                    trial.append(seqs[a][:p] + seqs[b][p:])
+        if not moves:
+            return False
+        c = cost(trial).reshape(len(moves), 2)
+        gain = torch.tensor([float(current[a] + current[b]) for a, b, _ in moves]) - c.sum(dim=1)
+        k = int(torch.argmax(gain))
+        if float(gain[k]) <= 1e-12:
+            return False
+        a, b, p = moves[k]
+        seqs[a], seqs[b] = trial[2 * k], trial[2 * k + 1]
+        return True
+
+    def descend(seqs: list[list[int]], cover: bool = True) -> tuple[list[list[int]], float]:
+        for _round in range(2 * n):
+            if time.perf_counter() > deadline:
+                break
+            for _sweep in range(8):
+                if not sweep(seqs, cover):
+                    break
+            if not crossover(seqs, cost(seqs)):
+                break
+        return seqs, float(cost(seqs).sum())
+
+    rng = np.random.default_rng(0)
+    best: tuple[list[list[int]], float] | None = None
+    for restart in range(RESTARTS if n > 1 else 1):
+        if best is not None and time.perf_counter() > deadline:
+            log.info("encoder search stopped at its time budget after %d restarts", restart)
             break
-    return seqs
+        seqs = [list(s) for s in base]
+        for p in range(width):
+            toks = options[p]
+            if not toks:
+                continue
+            order = rng.permutation(len(free[p])) if restart else np.arange(len(free[p]))
+            for k, r in enumerate(order):
+                seqs[free[p][r]][p] = toks[k % len(toks)]
+        if n == 1:
+            return seqs
+        seqs, total = descend(seqs)
+        log.debug("restart %d: residual %.3g", restart, total)
+        if best is None or total < best[1]:
+            best = (seqs, total)
+        if total < SOLVED * threshold * n:
+            return seqs
+    assert best is not None
+    # a false candidate forced into some sequence: polish without the covering constraint
+    seqs, total = descend([list(s) for s in best[0]], cover=False)
+    return seqs if total < best[1] else best[0]
 
 
 # ------------------------------------------------------------------ labels

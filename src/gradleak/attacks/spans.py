@@ -3,8 +3,8 @@
 For a linear map applied token-wise, the weight gradient is a sum of outer products
 delta_i x_i^T over the tokens i of the batch, so its rows span (at most) the inputs x_i that
 occurred: rank <= number of distinct tokens. A candidate input lies in that span exactly when it
-occurred (generically). The rank is cut at the last relative singular-value gap of at least MIN_GAP
-(the largest gap when there is none that clean).
+occurred (generically). The rank is cut at the last relative singular-value gap of at least
+MIN_GAP that falls under FLOOR (the largest gap when there is none that clean).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_GAP = 1e3  # a clean rank cut separates singular values by at least this factor
+MIN_GAP = 10.0  # a rank cut separates consecutive singular values by at least this factor
+FLOOR = 1e-4  # ... and drops below this fraction of the largest one
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class Span:
 
 
 def span_of(rows: torch.Tensor, max_rank: int | None = None) -> Span:
-    """The row span of `rows` (k, d), cut at the last singular-value gap of at least MIN_GAP."""
+    """The row span of `rows` (k, d), cut at the last large singular-value gap (see above)."""
     rows = rows.to(torch.float64)
     _, s, vh = torch.linalg.svd(rows, full_matrices=False)
     dim = rows.shape[1]
@@ -40,7 +41,7 @@ def span_of(rows: torch.Tensor, max_rank: int | None = None) -> Span:
     if limit < 2:
         return Span(vh[:1].T.contiguous(), 1, dim, float("inf"))
     ratios = rel[: limit - 1] / rel[1:limit].clamp_min(1e-300)
-    big = torch.nonzero(ratios >= MIN_GAP).flatten()
+    big = torch.nonzero((ratios >= MIN_GAP) & (rel[1:limit] <= FLOOR)).flatten()
     if len(big):  # the last clean drop: signal may fall steeply, noise after the rank does not
         rank = int(big[-1]) + 1
     else:

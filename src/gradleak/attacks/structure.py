@@ -126,7 +126,9 @@ def capture_input(
     handle = module.register_forward_pre_hook(hook)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    kwargs = victim.model_inputs(attention_mask=attention_mask, input_ids=input_ids, position_ids=position_ids)
+    kwargs = victim.model_inputs(
+        attention_mask=attention_mask, input_ids=input_ids, position_ids=position_ids
+    )
     try:
         with torch.no_grad():
             victim.model(**kwargs)

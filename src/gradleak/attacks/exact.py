@@ -169,7 +169,7 @@ class ExactAttack:
             candidates.scores.append(scores)
             if progress is not None:
                 progress(p + 1, limit, float(scores[0]) if len(scores) else float("nan"))
-        candidates = _tighten(candidates, threshold, knowledge.batch_size)
+        candidates = _tighten(candidates, threshold)
         log.info(
             "rank %d/%d, %d positions, candidates per position %s",
             span1.rank,
@@ -194,10 +194,10 @@ class ExactAttack:
         )
 
 
-def _tighten(cands: Candidates, threshold: float, batch_size: int | None) -> Candidates:
-    """Keep candidates within MARGIN of the typical best residual (true rows sit at the precision
-    of the update, false ones that pass the coarse threshold sit orders of magnitude above), and
-    no more per position than there are sequences, when the batch size is known."""
+def _tighten(cands: Candidates, threshold: float) -> Candidates:
+    """Keep candidates within MARGIN of the typical best residual: true rows sit at the precision
+    of the update, false ones that pass the coarse threshold mostly sit orders of magnitude above.
+    (Near-linear combinations of true rows can pass too; the assembly's context check sorts them.)"""
     best = [float(s[0]) for s in cands.scores if len(s)]
     if not best:
         return cands
@@ -205,9 +205,8 @@ def _tighten(cands: Candidates, threshold: float, batch_size: int | None) -> Can
     tokens, scores = [], []
     for t, s in zip(cands.tokens, cands.scores, strict=True):
         keep = s < cut
-        t, s = t[keep][:batch_size], s[keep][:batch_size]  # already sorted by residual
-        tokens.append(t)
-        scores.append(s)
+        tokens.append(t[keep])
+        scores.append(s[keep])
     return Candidates(tokens, scores)
 
 

@@ -4,7 +4,7 @@ For a linear map applied token-wise, the weight gradient is a sum of outer produ
 delta_i x_i^T over the tokens i of the batch, so its rows span (at most) the inputs x_i that
 occurred: rank <= number of distinct tokens. A candidate input lies in that span exactly when it
 occurred (generically). The rank is cut at the last relative singular-value gap of at least
-MIN_GAP that falls under FLOOR (the largest gap when there is none that clean).
+MIN_GAP that falls under FLOOR; with no such gap the span is taken as the whole space.
 """
 
 from __future__ import annotations
@@ -42,13 +42,10 @@ def span_of(rows: torch.Tensor, max_rank: int | None = None) -> Span:
         return Span(vh[:1].T.contiguous(), 1, dim, float("inf"))
     ratios = rel[: limit - 1] / rel[1:limit].clamp_min(1e-300)
     big = torch.nonzero((ratios >= MIN_GAP) & (rel[1:limit] <= FLOOR)).flatten()
-    if len(big):  # the last clean drop: signal may fall steeply, noise after the rank does not
-        rank = int(big[-1]) + 1
-    else:
-        rank = int(torch.argmax(torch.log(ratios))) + 1
+    if len(big) == 0:  # no clean drop to the noise floor: the rows fill the space (or are noisy)
+        return Span(vh.T.contiguous(), dim, dim, float(ratios.max()))
+    rank = int(big[-1]) + 1  # the last clean drop: signal may fall steeply, noise after it does not
     gap = float(ratios[rank - 1])
-    if gap < MIN_GAP and len(s) >= dim:
-        rank = dim
     return Span(vh[:rank].T.contiguous(), rank, dim, gap)
 
 

@@ -1,0 +1,157 @@
+"""Exact recovery on real sentences: decoders and encoders, embedding gradient shared or withheld."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gradleak.attacks import AttackOptions, Knowledge, get_attack
+from gradleak.attacks.spans import residual, span_of
+from gradleak.client import fedsgd
+from gradleak.errors import GradleakError
+from gradleak.experiment import RunSpec, run_one, strip_special
+from gradleak.metrics import score
+
+
+EXACT = get_attack("exact")
+
+
+@pytest.fixture(scope="module")
+def batch_from(make_victim_batch):
+    return make_victim_batch
+
+
+def _attack(victim, batch, withhold=(), **knowledge):
+    update = fedsgd(victim, batch, withhold=withhold)
+    rec = EXACT.reconstruct(victim, update, Knowledge(**knowledge), AttackOptions())
+    special = set(victim.tokenizer.all_special_ids)
+    scores = score(
+        batch.texts,
+        rec.texts,
+        strip_special(batch.token_ids, special),
+        strip_special(rec.token_ids, special),
+    )
+    return rec, scores
+
+
+@pytest.mark.parametrize("withhold", [(), ("embeddings",)], ids=["shared", "withheld"])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_gpt2_tiny_recovered_exactly(batch_from, gpt2_tiny, batch_size, withhold):
+    for seed in range(2):
+        batch = batch_from(gpt2_tiny, "sst2", batch_size, seed, min_words=5, max_words=20)
+        rec, scores = _attack(gpt2_tiny, batch, withhold, batch_size=batch_size)
+        assert scores.exact_match == 100.0, (batch.texts, rec.texts)
+        assert sorted(rec.labels) == sorted(batch.labels.tolist())
+
+
+@pytest.mark.parametrize("withhold", [(), ("embeddings",)], ids=["shared", "withheld"])
+def test_minilm_single_sentence_recovered_exactly(batch_from, minilm, withhold):
+    for seed in range(2):
+        batch = batch_from(minilm, "sst2", 1, seed, min_words=5, max_words=20)
+        rec, scores = _attack(minilm, batch, withhold, batch_size=1)
+        assert scores.exact_match == 100.0, (batch.texts, rec.texts)
+        assert rec.labels == tuple(batch.labels.tolist())
+
+
+@pytest.mark.parametrize("withhold", [(), ("embeddings",)], ids=["shared", "withheld"])
+def test_minilm_batch_of_four_reaches_rouge1_90(batch_from, minilm, withhold):
+    rouge1 = []
+    for seed in range(5):
+        batch = batch_from(minilm, "sst2", 4, seed, min_words=5, max_words=20)
+        _, scores = _attack(minilm, batch, withhold, batch_size=4)
+        rouge1.append(scores.rouge1)
+    assert sum(rouge1) / len(rouge1) >= 90.0, rouge1
+
+
+def test_true_layer_inputs_lie_in_the_span_and_others_do_not(batch_from, gpt2_tiny):
+    from gradleak.attacks.structure import attention_projections, capture_input, gradient_rows
+
+    batch = batch_from(gpt2_tiny, "cola", 2, 0)
+    grads = fedsgd(gpt2_tiny, batch).gradients()
+    proj = attention_projections(gpt2_tiny, 0)
+    span = span_of(gradient_rows(grads, proj))
+    distinct = {(p, t) for seq in batch.token_ids for p, t in enumerate(seq)}
+    assert span.rank == len(distinct)
+    x = capture_input(gpt2_tiny, proj[0], batch.input_ids, batch.attention_mask)
+    true = residual(span, x[batch.attention_mask.bool()])
+    assert float(true.max()) < 1e-10
+    other = torch.tensor([[50, 51, 52]])
+    assert float(residual(span, capture_input(gpt2_tiny, proj[0], other)).min()) > 1e-3
+
+
+def test_refuses_when_tokens_reach_the_hidden_width(batch_from, bert_tiny):
+    batch = batch_from(bert_tiny, "rt", 8, 0, min_words=20)  # > 128 tokens in all
+    assert sum(batch.lengths) >= 128
+    update = fedsgd(bert_tiny, batch)
+    with pytest.raises(GradleakError, match="hidden width"):
+        EXACT.reconstruct(bert_tiny, update, Knowledge(batch_size=8, lengths=batch.lengths), AttackOptions())
+    with pytest.raises(GradleakError, match="hidden width"):  # lengths unknown: the rank tells
+        EXACT.reconstruct(bert_tiny, update, Knowledge(batch_size=8), AttackOptions())
+
+
+def test_needs_first_layer_gradients(batch_from, gpt2_tiny):
+    batch = batch_from(gpt2_tiny, "cola", 1, 0)
+    update = fedsgd(gpt2_tiny, batch, withhold=["transformer.h.0.attn.*"])
+    with pytest.raises(GradleakError, match="withheld"):
+        EXACT.reconstruct(gpt2_tiny, update, Knowledge(batch_size=1), AttackOptions())
+
+
+def test_nan_gradient_is_refused(batch_from, gpt2_tiny):
+    batch = batch_from(gpt2_tiny, "cola", 1, 0)
+    weight = gpt2_tiny.model.score.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight[0, 0] = float("nan")
+        with pytest.raises(GradleakError, match="NaN"):
+            fedsgd(gpt2_tiny, batch)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def test_run_one_language_model_recovers_all_but_the_unused_last_token():
+    record = run_one(RunSpec(victim="gpt2-tiny", task="lm", dtype="float64", data="cola", attack="exact"))
+    ref = record.references[0].split()
+    rec = record.reconstructions[0].split()
+    assert rec == ref[: len(rec)] and len(rec) >= len(ref) - 1
+
+
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gradleak", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+def test_cli_recovers_unseen_plain_text(tmp_path):
+    novel = tmp_path / "novel.txt"
+    novel.write_text(
+        "my neighbour painted her fence a shade of green nobody expected\n"
+        "the bakery on the corner closes early on sundays\n"
+        "we argued about the map until the ferry left without us\n"
+        "an old radio hummed in the kitchen all winter\n"
+        "the committee postponed the vote for another week\n",
+        encoding="utf-8",
+    )
+    out = _cli(
+        "attack", "--victim", "gpt2-tiny", "--data", str(novel), "--batch-size", "4",
+        "--attack", "exact", "--json", "-",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["scores"]["exact_match"] == 100.0
+    assert sorted(record["reconstructions"]) == sorted(record["references"])
+
+
+def test_cli_refuses_too_many_tokens_with_one_line(tmp_path):
+    out = _cli(
+        "attack", "--victim", "bert-tiny", "--data", "rt", "--batch-size", "8", "--attack", "exact",
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "hidden width" in lines[0]

@@ -16,7 +16,6 @@ from gradleak.errors import GradleakError
 from gradleak.experiment import RunSpec, run_one, strip_special
 from gradleak.metrics import score
 
-
 EXACT = get_attack("exact")
 
 

@@ -49,6 +49,7 @@ class RunSpec:
     known_labels: bool = False
     known_lengths: bool = True
     force: bool = False
+    time_budget: float = 60.0
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -68,6 +69,7 @@ class RunSpec:
             optimizer=self.optimizer,
             seed=self.seed,
             force=self.force,
+            time_budget=self.time_budget,
         )
 
 

@@ -1,0 +1,66 @@
+"""Shared helpers of the benchmark scripts: run cells, format tables, write RESULTS.md sections."""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from gradleak.experiment import RunRecord, RunSpec, run_one
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def run_cell(spec: RunSpec, batches: int) -> list[RunRecord]:
+    """The same spec over seeds 0..batches-1 (each seed draws another batch and model init)."""
+    return [run_one(replace(spec, seed=seed)) for seed in range(batches)]
+
+
+def summarise(records: Iterable[RunRecord]) -> dict[str, float]:
+    records = list(records)
+
+    def mean(key: str) -> float:
+        return statistics.fmean(getattr(r.scores, key) for r in records)
+
+    return {
+        "rouge1": mean("rouge1"),
+        "rouge2": mean("rouge2"),
+        "token_accuracy": mean("token_accuracy"),
+        "exact_match": mean("exact_match"),
+        "seconds": statistics.fmean(r.seconds for r in records),
+        "batches": len(records),
+    }
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    def fmt(x: object) -> str:
+        return f"{x:.1f}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), {time.strftime('%Y-%m-%d')}"
+    )
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section `name` of benchmarks/RESULTS.md."""
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = (
+        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    )
+    RESULTS.write_text(text, encoding="utf-8")

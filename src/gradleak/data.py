@@ -100,20 +100,20 @@ def _read_rt(paths: list[Path]) -> list[Example]:
     pos, neg = paths
     out: list[Example] = []
     for path, label in ((neg, 0), (pos, 1)):
-        lines = path.read_text(encoding="latin-1").splitlines()
+        lines = _lines(path.read_text(encoding="latin-1"))
         out.extend(Example(" ".join(line.split()), label) for line in lines if line.strip())
     return out
 
 
 def _read_wikitext(paths: list[Path]) -> list[Example]:
-    lines = paths[0].read_text(encoding="utf-8").splitlines()
+    lines = _lines(paths[0].read_text(encoding="utf-8"))
     keep = [line.strip() for line in lines if line.strip() and not line.strip().startswith("=")]
     return [Example(line) for line in keep]
 
 
 def _read_sample() -> list[Example]:
     text = resources.files("gradleak").joinpath("resources/sample.tsv").read_text("utf-8")
-    return _parse_delimited(text.splitlines(), "\t", "built-in sample")
+    return _parse_delimited(_lines(text), "\t", "built-in sample")
 
 
 NAMED_DATA: dict[str, Callable[[], list[Example]]] = {
@@ -123,6 +123,12 @@ NAMED_DATA: dict[str, Callable[[], list[Example]]] = {
     "rt": _named(["rt-polarity/rt-polarity.pos", "rt-polarity/rt-polarity.neg"], _read_rt),
     "wikitext": _named(["wikitext-2/valid.txt"], _read_wikitext),
 }
+
+
+def _lines(text: str) -> list[str]:
+    """Split on newlines only: str.splitlines also breaks on \x85 and other separators that
+    occur inside real sentences (Rotten Tomatoes has 23 of them)."""
+    return [line.rstrip("\r") for line in text.split("\n")]
 
 
 def _as_label(value: str) -> int | None:
@@ -171,9 +177,9 @@ def _read_delimited(path: Path, delimiter: str) -> list[Example]:
 def _read_lines(path: Path) -> list[str]:
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8").splitlines()
+        return _lines(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        return raw.decode("latin-1").splitlines()
+        return _lines(raw.decode("latin-1"))
 
 
 def _read_jsonl(path: Path) -> list[Example]:

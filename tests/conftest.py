@@ -1,0 +1,48 @@
+"""Shared fixtures: victims are loaded once per session, batches come from the real data sets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from gradleak.data import Batch, filter_by_words, load_examples, make_batch, sample_examples
+from gradleak.victims import Victim, load_victim
+
+
+@pytest.fixture(scope="session")
+def bert_tiny() -> Victim:
+    return load_victim("bert-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Victim:
+    return load_victim("minilm", seed=0)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tiny() -> Victim:
+    return load_victim("gpt2-tiny", dtype="float64", seed=0)
+
+
+def batch_from(
+    victim: Victim,
+    name: str,
+    batch_size: int,
+    seed: int,
+    *,
+    min_words: int = 0,
+    max_words: int | None = None,
+    max_length: int = 32,
+    with_labels: bool = True,
+) -> Batch:
+    """A seeded batch of `batch_size` sentences of the named data set, tokenised for `victim`."""
+    examples = filter_by_words(load_examples(name), min_words, max_words)
+    chosen = sample_examples(examples, batch_size, seed)
+    return make_batch(chosen, victim.tokenizer, max_length, with_labels=with_labels)
+
+
+@pytest.fixture(scope="session")
+def make_victim_batch() -> Callable[..., Batch]:
+    """The `batch_from` helper as a fixture, for tests that prefer injection over import."""
+    return batch_from

@@ -1,0 +1,217 @@
+"""Named data sets, file readers, seeded sampling and batching."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from gradleak.data import (
+    Example,
+    filter_by_words,
+    load_examples,
+    make_batch,
+    sample_examples,
+    shared_data_dir,
+)
+from gradleak.errors import GradleakError
+
+
+def test_shared_data_dir_is_found():
+    root = shared_data_dir()
+    assert root is not None
+    assert (root / "cola" / "dev.tsv").is_file()
+
+
+def test_cola():
+    ex = load_examples("cola")
+    assert len(ex) == 516
+    assert {e.label for e in ex} == {0, 1}
+    assert ex[0] == Example("somebody just left guess who", 1)
+
+
+def test_sst2():
+    ex = load_examples("sst2")
+    assert len(ex) == 1821
+    assert {e.label for e in ex} == {0, 1}
+    # label is the first column in this file; the text must not be the label
+    assert ex[0] == Example("no movement , no yuks , not much of anything", 0)
+
+
+def test_rt():
+    ex = load_examples("rt")
+    assert len(ex) == 10662
+    assert Counter(e.label for e in ex) == {0: 5331, 1: 5331}
+
+
+def test_builtin_sample():
+    ex = load_examples("sample")
+    assert len(ex) >= 16
+    assert all(e.label in (0, 1) for e in ex)
+    assert all(e.text and e.text == " ".join(e.text.split()) for e in ex)
+
+
+def test_wikitext_has_no_headings():
+    ex = load_examples("wikitext")
+    assert len(ex) > 1000
+    assert all(e.label is None for e in ex)
+    assert not any(e.text.startswith("=") for e in ex)
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_tsv_with_header(tmp_path):
+    p = tmp_path / "d.tsv"
+    p.write_text("sentence\tlabel\nthe cat  sat\t1\na dog ran\t0\n", encoding="utf-8")
+    assert load_examples(str(p)) == [Example("the cat sat", 1), Example("a dog ran", 0)]
+
+
+def test_csv_with_header_and_quotes(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('text,label\n"hello, world",1\nplain text,0\n', encoding="utf-8")
+    assert load_examples(str(p)) == [Example("hello, world", 1), Example("plain text", 0)]
+
+
+def test_jsonl(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "first one", "label": 1}\n\n{"text": "second", "label": 0}\n', encoding="utf-8")
+    assert load_examples(str(p)) == [Example("first one", 1), Example("second", 0)]
+
+
+def test_plain_text(tmp_path):
+    p = tmp_path / "d.txt"
+    p.write_text("one sentence here\n\n  another   one \n", encoding="utf-8")
+    assert load_examples(str(p)) == [Example("one sentence here"), Example("another one")]
+    assert all(e.label is None for e in load_examples(str(p)))
+
+
+def test_malformed_jsonl(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "fine", "label": 1}\n{"text": broken\n', encoding="utf-8")
+    with pytest.raises(GradleakError, match="line 2"):
+        load_examples(str(p))
+
+
+def test_jsonl_without_text_field(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"body": "no text key"}\n', encoding="utf-8")
+    with pytest.raises(GradleakError):
+        load_examples(str(p))
+
+
+def test_bad_label_in_tsv(tmp_path):
+    p = tmp_path / "d.tsv"
+    p.write_text("sentence\tlabel\nsome text\tpositive\n", encoding="utf-8")
+    with pytest.raises(GradleakError):
+        load_examples(str(p))
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".tsv", ".csv", ".jsonl"])
+def test_empty_file(tmp_path, suffix):
+    p = tmp_path / f"empty{suffix}"
+    p.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(GradleakError):
+        load_examples(str(p))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(GradleakError, match="unknown data"):
+        load_examples(str(tmp_path / "nope.tsv"))
+
+
+def test_directory_is_not_data(tmp_path):
+    with pytest.raises(GradleakError):
+        load_examples(str(tmp_path))
+
+
+# ---------------------------------------------------------------- filtering and sampling
+
+
+def test_filter_by_words():
+    ex = [Example("a"), Example("a b"), Example("a b c"), Example("a b c d")]
+    assert filter_by_words(ex, 2, 3) == ex[1:3]
+    assert filter_by_words(ex, 3) == ex[2:]
+    assert filter_by_words(ex, 0, 1) == ex[:1]
+
+
+def test_sample_examples_is_seeded():
+    ex = load_examples("cola")
+    a = sample_examples(ex, 8, seed=3)
+    assert a == sample_examples(ex, 8, seed=3)
+    assert a != sample_examples(ex, 8, seed=4)
+    assert len(set(a)) == 8
+    assert all(e in ex for e in a)
+
+
+def test_sample_examples_bad_sizes():
+    ex = [Example("a"), Example("b")]
+    with pytest.raises(GradleakError):
+        sample_examples(ex, 3, seed=0)
+    with pytest.raises(GradleakError):
+        sample_examples(ex, 0, seed=0)
+    assert sorted(e.text for e in sample_examples(ex, 2, seed=0)) == ["a", "b"]
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_make_batch_right_padding_and_references(bert_tiny):
+    tok = bert_tiny.tokenizer
+    ex = [Example("the cat sat on the mat", 1), Example("hi", 0)]
+    b = make_batch(ex, tok, 32)
+    assert b.size == 2
+    assert b.labels.tolist() == [1, 0]
+    assert b.input_ids.shape == b.attention_mask.shape
+    # right padding: each mask row is ones then zeros, and padded positions hold the pad id
+    for row, mrow, toks in zip(b.input_ids, b.attention_mask, b.token_ids, strict=True):
+        n = int(mrow.sum())
+        assert mrow[:n].eq(1).all() and mrow[n:].eq(0).all()
+        assert row[n:].eq(tok.pad_token_id).all()
+        assert tuple(row[:n].tolist()) == toks
+    assert b.lengths == (8, 3)  # [CLS] 6 words [SEP]; [CLS] hi [SEP]
+    assert b.token_ids[1][0] == tok.cls_token_id and b.token_ids[1][-1] == tok.sep_token_id
+    assert b.texts == ("the cat sat on the mat", "hi")
+    for text, toks in zip(b.texts, b.token_ids, strict=True):
+        assert text == tok.decode(list(toks), skip_special_tokens=True).strip()
+
+
+def test_make_batch_truncation(bert_tiny):
+    tok = bert_tiny.tokenizer
+    ex = [Example("one two three four five six seven eight nine ten", 0)]
+    b = make_batch(ex, tok, 6)
+    assert b.input_ids.shape == (1, 6)
+    assert b.lengths == (6,)
+    assert b.token_ids[0][-1] == tok.sep_token_id
+    # the reference is what survived truncation, not the original text
+    assert b.texts == ("one two three four",)
+
+
+def test_make_batch_without_labels_and_gpt2(gpt2_tiny):
+    tok = gpt2_tiny.tokenizer
+    ex = [Example("hello world, this is longer"), Example("short")]
+    b = make_batch(ex, tok, 32, with_labels=False)
+    assert b.labels is None
+    assert b.texts == ("hello world, this is longer", "short")
+    assert b.attention_mask[1].tolist() == [1] + [0] * (b.input_ids.shape[1] - 1)
+    assert b.input_ids[1, 1:].eq(tok.pad_token_id).all()
+
+
+def test_make_batch_unlabelled_examples_get_label_zero(bert_tiny):
+    b = make_batch([Example("no label")], bert_tiny.tokenizer)
+    assert b.labels.dtype == torch.long and b.labels.tolist() == [0]
+
+
+def test_make_batch_max_length_too_small(bert_tiny):
+    with pytest.raises(GradleakError):
+        make_batch([Example("a b")], bert_tiny.tokenizer, 1)
+
+
+def test_make_victim_batch_fixture(bert_tiny, make_victim_batch):
+    b = make_victim_batch(bert_tiny, "cola", 4, 0, max_words=10)
+    assert b.size == 4
+    assert all(len(t.split()) <= 10 for t in b.texts)
+    again = make_victim_batch(bert_tiny, "cola", 4, 0, max_words=10)
+    assert again.texts == b.texts
+    assert torch.equal(again.input_ids, b.input_ids)

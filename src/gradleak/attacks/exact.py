@@ -270,6 +270,8 @@ def _assemble_decoder(
         if not toks:
             break
         ext = [pre + [t] for pre in prefixes for t in toks]
+        if not ext:
+            break
         parent = [i for i in range(len(prefixes)) for _ in toks]
         res = context_residuals(victim, check, ext)[:, p]
         alive = set()

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gradleak.attacks.structure import is_causal
 from gradleak.client import Update, fedavg, fedsgd, resolve_withheld
 from gradleak.data import Example, make_batch
 from gradleak.errors import GradleakError
@@ -35,7 +36,7 @@ def test_bert_tiny_shape(bert_tiny):
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (128, 2, 2)
     assert bert_tiny.hidden_size == 128
     assert bert_tiny.dtype == torch.float32
-    assert not bert_tiny.is_decoder
+    assert not is_causal(bert_tiny)
     # the real BERT uncased vocabulary
     assert cfg.vocab_size == bert_tiny.tokenizer.vocab_size == 30522
 
@@ -53,7 +54,7 @@ def test_gpt2_tiny_shape(gpt2_tiny):
     cfg = gpt2_tiny.model.config
     assert (cfg.n_embd, cfg.n_layer) == (256, 2)
     assert gpt2_tiny.dtype == torch.float64
-    assert gpt2_tiny.is_decoder
+    assert is_causal(gpt2_tiny)
     assert cfg.vocab_size == len(gpt2_tiny.tokenizer) == 50257
     assert gpt2_tiny.tokenizer.encode("hello world") == [31373, 995]  # the real GPT-2 BPE
 

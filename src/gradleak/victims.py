@@ -45,18 +45,6 @@ class Victim:
     def hidden_size(self) -> int:
         return int(self.model.get_input_embeddings().weight.shape[1])
 
-    @property
-    def is_decoder(self) -> bool:
-        return bool(getattr(self.model.config, "is_decoder", False)) or self.model.config.model_type in {
-            "gpt2",
-            "gpt_neo",
-            "gptj",
-            "llama",
-            "mistral",
-            "qwen2",
-            "opt",
-        }
-
     def model_inputs(
         self,
         *,

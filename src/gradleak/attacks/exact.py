@@ -35,6 +35,7 @@ from gradleak.attacks.structure import (
     capture_input,
     context_projections,
     gradient_rows,
+    is_causal,
     position_embedding,
     word_embedding_name,
 )
@@ -177,7 +178,7 @@ class ExactAttack:
             len(candidates.tokens),
             [len(t) for t in candidates.tokens],
         )
-        assemble = _assemble_decoder if victim.is_decoder else _assemble_encoder
+        assemble = _assemble_decoder if is_causal(victim) else _assemble_encoder
         sequences = assemble(victim, candidates, check, threshold, knowledge, start + options.time_budget)
         if knowledge.batch_size is not None and len(sequences) > knowledge.batch_size:
             sequences = sequences[: knowledge.batch_size]

@@ -146,3 +146,14 @@ def gradient_rows(gradients: dict[str, torch.Tensor], projections: tuple[Project
         g = gradients[p.name].detach().to(torch.float64).cpu()
         mats.append(g.T if p.transposed else g)
     return torch.cat(mats, dim=0)
+
+
+def is_causal(victim: Victim) -> bool:
+    """Whether the first block's attention is causal: changing the last token of a probe sequence
+    leaves the earlier positions' context inputs unchanged (decoders) or not (encoders)."""
+    proj = context_projections(victim, 0)[0]
+    vocab = victim.model.get_input_embeddings().weight.shape[0]
+    ids = torch.tensor([[1, 2, 3], [1, 2, 4]], device=victim.device) % vocab
+    x = capture_input(victim, proj, ids)
+    diff = (x[0] - x[1]).abs().amax(-1)
+    return bool(diff[:2].max() < 1e-3 * diff[2])  # rounding differs between rows; context does not

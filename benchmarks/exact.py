@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--data", default="cola,sst2,rt")
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--batches", type=int, default=10, help="batches per cell")
-    ap.add_argument("--large-batches", type=int, default=3, help="batches per cell from B=8 up on minilm")
+    ap.add_argument("--large-batches", type=int, default=3, help="batches per cell from B=8 (minilm) or B=32 (decoders) up")
     ap.add_argument("--minilm-max-batch", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--time-budget", type=float, default=60.0)
@@ -46,7 +46,7 @@ def main() -> None:
             for b in (int(x) for x in args.batch_sizes.split(",")):
                 if victim == "minilm" and b > args.minilm_max_batch:
                     continue
-                n = args.large_batches if (victim == "minilm" and b >= 8) else args.batches
+                n = args.large_batches if b >= (8 if victim == "minilm" else 32) else args.batches
                 spec = RunSpec(
                     victim=victim, data=data, batch_size=b, attack="exact", dtype=args.dtype,
                     known_lengths=False, max_length=64, time_budget=args.time_budget,

@@ -90,6 +90,9 @@ def attack(
     force: Annotated[
         bool, typer.Option(help="Run the exact attack even where its assumptions fail.")
     ] = False,
+    time_budget: Annotated[
+        float, typer.Option(help="Seconds the exact attack's encoder search may take.")
+    ] = 60.0,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write the record as JSON to FILE ('-' for stdout).")
     ] = None,
@@ -117,6 +120,7 @@ def attack(
         optimizer=optimizer,
         known_labels=known_labels,
         force=force,
+        time_budget=time_budget,
     )
     spec.validate()
     quiet = json_out == "-"

@@ -211,7 +211,7 @@ def _tighten(cands: Candidates, threshold: float) -> Candidates:
     return Candidates(tokens, scores)
 
 
-# ------------------------------------------------------------------ second-layer residuals
+# ------------------------------------------------------------------ context residuals
 
 
 def _pad(victim: Victim, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,7 @@ from gradleak.attacks import AttackOptions, Knowledge, get_attack
 from gradleak.attacks.spans import residual, span_of
 from gradleak.client import fedsgd
 from gradleak.errors import GradleakError
-from gradleak.experiment import RunSpec, run_one, strip_special
-from gradleak.metrics import score
+from gradleak.experiment import RunSpec, run_one, score_reconstruction
 
 EXACT = get_attack("exact")
 
@@ -27,14 +26,7 @@ def batch_from(make_victim_batch):
 def _attack(victim, batch, withhold=(), **knowledge):
     update = fedsgd(victim, batch, withhold=withhold)
     rec = EXACT.reconstruct(victim, update, Knowledge(**knowledge), AttackOptions())
-    special = set(victim.tokenizer.all_special_ids)
-    scores = score(
-        batch.texts,
-        rec.texts,
-        strip_special(batch.token_ids, special),
-        strip_special(rec.token_ids, special),
-    )
-    return rec, scores
+    return rec, score_reconstruction(victim, batch, rec)
 
 
 @pytest.mark.parametrize("withhold", [(), ("embeddings",)], ids=["shared", "withheld"])

@@ -118,6 +118,17 @@ def strip_special(token_ids, special: set[int]) -> list[list[int]]:
     return [[t for t in seq if t not in special] for seq in token_ids]
 
 
+def score_reconstruction(victim, batch, rec: Reconstruction) -> Scores:
+    """Score a reconstruction against the batch, special and pad tokens removed."""
+    special = set(victim.tokenizer.all_special_ids)
+    return score(
+        batch.texts,
+        rec.texts,
+        strip_special(batch.token_ids, special),
+        strip_special(rec.token_ids, special),
+    )
+
+
 def make_update(spec: RunSpec, victim, batch) -> Update:
     if spec.protocol == "fedavg":
         return fedavg(
@@ -149,13 +160,7 @@ def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
     start = time.perf_counter()
     rec: Reconstruction = attack.reconstruct(victim, update, knowledge, options, progress)
     seconds = time.perf_counter() - start
-    special = set(victim.tokenizer.all_special_ids)
-    scores = score(
-        batch.texts,
-        rec.texts,
-        strip_special(batch.token_ids, special),
-        strip_special(rec.token_ids, special),
-    )
+    scores = score_reconstruction(victim, batch, rec)
     log.info("%s on %s B=%d: %s", spec.attack, spec.victim, spec.batch_size, scores)
     return RunRecord(
         spec=spec,

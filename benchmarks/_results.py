@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import platform
 import re
 import statistics
@@ -56,6 +57,12 @@ def machine() -> str:
 
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section `name` of benchmarks/RESULTS.md."""
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:  # several benchmarks may run at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _replace_section(name, body)
+
+
+def _replace_section(name: str, body: str) -> None:
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{body.strip()}\n{end}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import torch
 from _results import machine, run_cell, summarise, table, write_section
@@ -57,25 +58,22 @@ def main() -> None:
                            s["token_accuracy"], s["seconds"], f"{s['seconds'] / args.iterations:.3f}"]  # fmt: skip
                     rows.append(row)
                     print(" | ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in row), flush=True)
-    header = [
-        "victim",
-        "attack",
-        "data",
-        "B",
-        "batches",
-        "ROUGE-1",
-        "ROUGE-2",
-        "token acc.",
-        "s/batch",
-        "s/step",
-    ]
-    body = (
-        f"## Gradient matching (`python benchmarks/attack_quality.py`)\n\n"
+                    write_section(args.section, _body(args, rows, done=False))
+    write_section(args.section, _body(args, rows, done=True))
+    print(table(HEADER, rows))
+
+
+HEADER = ["victim", "attack", "data", "B", "batches", "ROUGE-1", "ROUGE-2", "token acc.", "s/batch", "s/step"]
+
+
+def _body(args: argparse.Namespace, rows: list[list[object]], *, done: bool) -> str:
+    status = "" if done else " (run in progress: the table so far)"
+    return (
+        f"## Gradient matching (`python benchmarks/attack_quality.py`){status}\n\n"
+        f"Command arguments: `{' '.join(sys.argv[1:])}`. "
         f"{args.iterations} Adam steps, labels inferred from the head's bias gradient, lengths known. "
-        f"Machine: {machine()}.\n\n{table(header, rows)}\n\n{PUBLISHED}\n"
+        f"Machine: {machine()}.\n\n{table(HEADER, rows)}\n\n{PUBLISHED}\n"
     )
-    write_section(args.section, body)
-    print(table(header, rows))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class AttackOptions:
     learning_rate: float = 0.01
     optimizer: str = "adam"  # "adam" or "lbfgs"
     tag_alpha: float = 0.01  # weight of the L1 term in TAG
-    norm_weight: float = 1.0  # weight of the embedding-norm regulariser of the cosine attack
+    norm_weight: float = 0.01  # weight of the embedding-norm regulariser of the cosine attack
     seed: int = 0
     force: bool = False  # run the exact attack even where its assumptions fail
     time_budget: float = 60.0  # seconds the exact attack's encoder search may take

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import torch
 from _results import machine, run_cell, summarise, table, write_section
@@ -30,7 +31,12 @@ def main() -> None:
     ap.add_argument("--data", default="cola,sst2,rt")
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--batches", type=int, default=10, help="batches per cell")
-    ap.add_argument("--large-batches", type=int, default=3, help="batches per cell from B=8 (minilm) or B=32 (decoders) up")
+    ap.add_argument(
+        "--large-batches",
+        type=int,
+        default=3,
+        help="batches per cell from B=8 (minilm) or B=32 (decoders) up",
+    )
     ap.add_argument("--minilm-max-batch", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--time-budget", type=float, default=60.0)
@@ -56,6 +62,7 @@ def main() -> None:
                 except GradleakError as exc:  # a refusal (too many tokens) is a result too
                     rows.append([victim, data, b, n, "-", "-", "-", f"refused: {str(exc)[:60]}"])
                     print(rows[-1], flush=True)
+                    write_section(args.section, _body(args, rows, done=False))
                     continue
                 rows.append(
                     [victim, data, b, s["batches"], s["rouge1"], s["rouge2"], s["exact_match"], s["seconds"]]
@@ -63,15 +70,23 @@ def main() -> None:
                 print(
                     " | ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in rows[-1]), flush=True
                 )
-    header = ["victim", "data", "B", "batches", "ROUGE-1", "ROUGE-2", "exact %", "s/batch"]
-    body = (
-        f"## Exact recovery (`python benchmarks/exact.py`)\n\n"
+                write_section(args.section, _body(args, rows, done=False))
+    write_section(args.section, _body(args, rows, done=True))
+    print(table(HEADER, rows))
+
+
+HEADER = ["victim", "data", "B", "batches", "ROUGE-1", "ROUGE-2", "exact %", "s/batch"]
+
+
+def _body(args: argparse.Namespace, rows: list[list[object]], *, done: bool) -> str:
+    status = "" if done else " (run in progress: the table so far)"
+    return (
+        f"## Exact recovery (`python benchmarks/exact.py`){status}\n\n"
+        f"Command arguments: `{' '.join(sys.argv[1:])}`. "
         f"{args.dtype} updates, word-embedding gradient shared, lengths and labels unknown, batch size "
         f"known; encoder search budget {args.time_budget:.0f} s. Machine: {machine()}.\n\n"
-        f"{table(header, rows)}\n\n{PUBLISHED}\n"
+        f"{table(HEADER, rows)}\n\n{PUBLISHED}\n"
     )
-    write_section(args.section, body)
-    print(table(header, rows))
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ class ExactAttack:
             sequences = sequences[: knowledge.batch_size]
         labels = None
         if victim.task == "classify" and sequences:
-            labels = _labels(victim, grads, sequences, knowledge)
+            labels = _labels(victim, grads, sequences)
         return Reconstruction(
             token_ids=tuple(tuple(s) for s in sequences),
             texts=decode(victim, [list(s) for s in sequences]),
@@ -444,7 +444,7 @@ def _assemble_encoder(
 
 
 def _labels(
-    victim: Victim, grads: dict[str, torch.Tensor], seqs: list[list[int]], knowledge: Knowledge
+    victim: Victim, grads: dict[str, torch.Tensor], seqs: list[list[int]]
 ) -> tuple[int, ...] | None:
     weight, _ = head_parameters(victim)
     if weight is None or weight not in grads:

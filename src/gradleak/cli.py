@@ -93,6 +93,20 @@ def attack(
     time_budget: Annotated[
         float, typer.Option(help="Seconds the exact attack's encoder search may take.")
     ] = 60.0,
+    defense: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--defense",
+            help="NAME[:key=value,...] applied to the update in order; repeatable. "
+            "clip:norm=C, gaussian:sigma=S|multiplier=Z, laplace:scale=B|multiplier=Z, "
+            "dp-sgd:clip=C,multiplier=Z, prune:fraction=P[,method=topk|random], quantize:bits=16|8, "
+            "withhold:params=GROUP.",
+        ),
+    ] = None,
+    delta: Annotated[float, typer.Option(help="The delta of the reported (epsilon, delta).")] = 1e-5,
+    accountant: Annotated[
+        str, typer.Option(help="rdp, pld, prv, analytic or classic: names every epsilon.")
+    ] = "rdp",
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write the record as JSON to FILE ('-' for stdout).")
     ] = None,
@@ -121,6 +135,9 @@ def attack(
         known_labels=known_labels,
         force=force,
         time_budget=time_budget,
+        defenses=tuple(defense or ()),
+        delta=delta,
+        accountant=accountant,
     )
     spec.validate()
     quiet = json_out == "-"
@@ -156,10 +173,97 @@ def _show_record(record) -> None:
         f"token accuracy {s.token_accuracy:.1f}  exact match {s.exact_match:.1f}  "
         f"({record.seconds:.1f} s)"
     )
+    if record.spec.defenses:
+        from gradleak.defenses import describe
+
+        privacy = record.privacy.describe() if record.privacy is not None else "not accounted"
+        out.print(f"defences {describe(record.spec.defense_chain())}: {privacy}")
     if record.labels is not None:
         out.print(f"labels {list(record.labels)}, inferred {record.inferred_labels}")
     for note in record.notes:
         out.print(f"note: {note}")
+
+
+privacy_app = typer.Typer(
+    no_args_is_help=True,
+    help="Differential privacy: epsilon of a noise mechanism, or the noise for an epsilon.",
+)
+app.add_typer(privacy_app, name="privacy")
+
+Accountant = Annotated[
+    str, typer.Option(help="rdp, pld or prv (dp_accounting / Opacus); analytic or classic for one release.")
+]
+Mechanism = Annotated[str, typer.Option(help="gaussian or laplace.")]
+SampleRate = Annotated[float, typer.Option(help="Poisson sampling rate q in (0, 1].")]
+Steps = Annotated[int, typer.Option(help="Number of composed steps T.")]
+Delta = Annotated[float, typer.Option(help="delta in (0, 1).")]
+JsonOut = Annotated[str | None, typer.Option("--json", help="Write JSON to FILE ('-' for stdout).")]
+
+
+@privacy_app.command("epsilon")
+def privacy_epsilon(
+    noise_multiplier: Annotated[float, typer.Option(help="Noise std (or Laplace scale) / sensitivity.")],
+    sample_rate: SampleRate = 1.0,
+    steps: Steps = 1,
+    delta: Delta = 1e-5,
+    accountant: Accountant = "rdp",
+    mechanism: Mechanism = "gaussian",
+    json_out: JsonOut = None,
+) -> None:
+    """Epsilon of T Poisson-subsampled Gaussian (or Laplace) mechanisms at delta."""
+    from gradleak.privacy import epsilon
+
+    eps = epsilon(noise_multiplier, sample_rate, steps, delta, accountant, mechanism)
+    payload = {
+        "epsilon": eps if eps != float("inf") else None,
+        "delta": delta,
+        "accountant": accountant,
+        "noise_multiplier": noise_multiplier,
+        "sample_rate": sample_rate,
+        "steps": steps,
+        "mechanism": mechanism,
+    }
+    if json_out != "-":
+        Console().print(
+            f"epsilon = {eps:.6g} at delta = {delta:g} ({accountant} accountant; {mechanism}, "
+            f"noise multiplier {noise_multiplier:g}, sample rate {sample_rate:g}, {steps} steps)"
+        )
+    if json_out is not None:
+        write_json(payload, json_out)
+
+
+@privacy_app.command("calibrate")
+def privacy_calibrate(
+    epsilon: Annotated[float, typer.Option(help="Target epsilon.")],
+    sample_rate: SampleRate = 1.0,
+    steps: Steps = 1,
+    delta: Delta = 1e-5,
+    accountant: Accountant = "rdp",
+    mechanism: Mechanism = "gaussian",
+    json_out: JsonOut = None,
+) -> None:
+    """The smallest noise multiplier whose epsilon is at most the target."""
+    from gradleak import privacy
+
+    z = privacy.calibrate(epsilon, delta, sample_rate, steps, accountant, mechanism)
+    achieved = privacy.epsilon(z, sample_rate, steps, delta, accountant, mechanism)
+    payload = {
+        "noise_multiplier": z,
+        "epsilon": achieved,
+        "target_epsilon": epsilon,
+        "delta": delta,
+        "accountant": accountant,
+        "sample_rate": sample_rate,
+        "steps": steps,
+        "mechanism": mechanism,
+    }
+    if json_out != "-":
+        Console().print(
+            f"noise multiplier = {z:.6g} gives epsilon = {achieved:.6g} <= {epsilon:g} at delta = {delta:g} "
+            f"({accountant} accountant; sample rate {sample_rate:g}, {steps} steps)"
+        )
+    if json_out is not None:
+        write_json(payload, json_out)
 
 
 def main() -> None:

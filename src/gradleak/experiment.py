@@ -15,8 +15,10 @@ from gradleak.attacks import AttackOptions, Knowledge, Reconstruction, get_attac
 from gradleak.attacks.base import Progress
 from gradleak.client import Update, fedavg, fedsgd
 from gradleak.data import filter_by_words, load_examples, make_batch, sample_examples
+from gradleak.defenses import DefenseChain, DefenseContext, DpSgd
 from gradleak.errors import GradleakError
 from gradleak.metrics import Scores, score
+from gradleak.privacy import PrivacyReport, check_delta, get_accountant
 from gradleak.victims import load_victim
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ class RunSpec:
     known_lengths: bool = True
     force: bool = False
     time_budget: float = 60.0
+    defenses: tuple[str, ...] = ()
+    delta: float = 1e-5
+    accountant: str = "rdp"
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -61,6 +66,14 @@ class RunSpec:
         if self.max_words is not None and self.max_words < self.min_words:
             raise GradleakError("max words is smaller than min words")
         get_attack(self.attack)
+        chain = self.defense_chain()
+        if self.protocol != "fedsgd" and any(isinstance(d, DpSgd) for d in chain):
+            raise GradleakError("dp-sgd computes a FedSGD gradient; use --protocol fedsgd")
+        check_delta(self.delta)
+        get_accountant(self.accountant)
+
+    def defense_chain(self) -> DefenseChain:
+        return DefenseChain.parse(self.defenses)
 
     def options(self) -> AttackOptions:
         return AttackOptions(
@@ -84,6 +97,7 @@ class RunRecord:
     inferred_labels: tuple[int, ...] | None
     notes: tuple[str, ...] = ()
     environment: dict[str, str] = field(default_factory=dict)
+    privacy: PrivacyReport | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +113,8 @@ class RunRecord:
             "labels": None if self.labels is None else list(self.labels),
             "inferred_labels": None if self.inferred_labels is None else list(self.inferred_labels),
             "notes": list(self.notes),
+            "defenses": list(self.spec.defenses),
+            "privacy": None if self.privacy is None else self.privacy.to_json(),
             "spec": asdict(self.spec),
             "environment": self.environment,
         }
@@ -150,12 +166,17 @@ def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
     chosen = sample_examples(examples, spec.batch_size, spec.seed)
     batch = make_batch(chosen, victim.tokenizer, spec.max_length, with_labels=victim.task == "classify")
     update = make_update(spec, victim, batch)
+    chain = spec.defense_chain()
+    gen = torch.Generator(device=victim.device).manual_seed(spec.seed)
+    update, trace = chain.apply(update, DefenseContext(victim, batch, gen))
+    privacy = trace.report(spec.delta, spec.accountant)  # one release of one batch
     knowledge = Knowledge(
         batch_size=batch.size,
         lengths=batch.lengths if spec.known_lengths else None,
         labels=tuple(int(x) for x in batch.labels)
         if spec.known_labels and batch.labels is not None
         else None,
+        perturbed=chain.perturbs(),
     )
     start = time.perf_counter()
     rec: Reconstruction = attack.reconstruct(victim, update, knowledge, options, progress)
@@ -172,4 +193,5 @@ def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
         inferred_labels=rec.labels,
         notes=rec.notes,
         environment=environment(spec.device),
+        privacy=privacy,
     )

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,11 +74,13 @@ class Victim:
         attention_mask: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        forward: Callable[..., Any] | None = None,
     ) -> torch.Tensor:
+        """`forward` replaces the model call (e.g. a torch.func.functional_call)."""
         kwargs = self.model_inputs(
             attention_mask=attention_mask, input_ids=input_ids, inputs_embeds=inputs_embeds
         )
-        return self.model(**kwargs).logits
+        return (forward or self.model)(**kwargs).logits
 
     def loss(
         self,
@@ -86,10 +89,13 @@ class Victim:
         labels: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        forward: Callable[..., Any] | None = None,
     ) -> torch.Tensor:
         """Mean loss over the batch. Classification labels may be class ids or soft distributions;
         for language modelling `labels` are the token ids (pad positions masked by attention)."""
-        logits = self.logits(attention_mask=attention_mask, input_ids=input_ids, inputs_embeds=inputs_embeds)
+        logits = self.logits(
+            attention_mask=attention_mask, input_ids=input_ids, inputs_embeds=inputs_embeds, forward=forward
+        )
         return LOSSES[self.task](logits, labels, attention_mask)
 
 

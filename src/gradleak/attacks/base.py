@@ -20,6 +20,7 @@ class Knowledge:
     batch_size: int | None = None
     lengths: tuple[int, ...] | None = None  # token counts per sequence, specials included
     labels: tuple[int, ...] | None = None
+    perturbed: bool = False  # the protocol perturbs updates (noise, pruning, quantisation)
 
     def require(self, attack: str, *, batch_size: bool = False, lengths: bool = False) -> None:
         if batch_size and self.batch_size is None:

@@ -13,6 +13,12 @@ NeurIPS 2024), for decoders and encoders, with labels, lengths and batch content
    each position) on the second layer's span residual of whole sequences.
 5. Labels: with the sequences known, the head's weight gradient is a linear function of the
    per-example (p_i - y_i), which least squares recovers exactly.
+
+Perturbed updates (the server knows the protocol adds noise, prunes or quantises; or --force where
+the span has no clean rank): the rank is chosen by energy above the noise bulk (Gavish-Donoho
+threshold), token and position sets are the rows that stand out of the noise (robust z-score),
+and every candidate is ranked against a null sample of random tokens at the same position rather
+than held to a fixed threshold, so recovery degrades with the noise instead of stopping.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from scipy.optimize import linear_sum_assignment
 from gradleak.attacks.base import AttackOptions, Knowledge, Progress, Reconstruction, register
 from gradleak.attacks.labels import head_parameters, infer_labels
 from gradleak.attacks.matching import decode, special_template
-from gradleak.attacks.spans import Span, residual, span_of
+from gradleak.attacks.spans import Span, noisy_span_of, residual, span_of
 from gradleak.attacks.structure import (
     Projection,
     attention_projections,
@@ -52,6 +58,10 @@ CHUNK = 4096
 MAX_PREFIXES = 2048
 RESTARTS = 3
 SOLVED = 1e-3  # a restart whose total residual is below SOLVED * threshold * B needs no other
+NULL_SAMPLES = 64  # random tokens per position whose residuals show what "absent" looks like
+NULL_RATIO = 0.5  # perturbed updates: a candidate's residual must be below this x the null median
+OUTLIER_Z = 8.0  # perturbed updates: rows standing out of the noise by this robust z-score
+NOISY_FILL = 0.9  # perturbed updates: a span above this fraction of the width carries no signal
 
 
 @dataclass(frozen=True)
@@ -67,11 +77,24 @@ def _threshold(update: Update) -> float:
     return ACCEPT if dtype == torch.float64 else ACCEPT_FLOAT32
 
 
-def token_set(victim: Victim, grads: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """Token ids with a non-zero word-embedding gradient, or None if it is withheld or dense."""
+def outlier_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows (n, d) whose norm stands out of the bulk: robust z-score (median and
+    MAD of the row norms) above OUTLIER_Z. In a noisy gradient most rows are noise alone."""
+    norms = rows.detach().double().norm(dim=1).cpu()
+    med = norms.median()
+    mad = (norms - med).abs().median().clamp_min(1e-300) * 1.4826
+    return torch.nonzero((norms - med) / mad > OUTLIER_Z).flatten()
+
+
+def token_set(victim: Victim, grads: dict[str, torch.Tensor], noisy: bool = False) -> torch.Tensor | None:
+    """Token ids with a non-zero word-embedding gradient (standing out of the noise when `noisy`),
+    or None if it is withheld or dense."""
     name = word_embedding_name(victim.model)
     if name not in grads:
         return None
+    if noisy:
+        present = outlier_rows(grads[name])
+        return present if 0 < len(present) <= grads[name].shape[0] // 2 else None
     rows = grads[name].detach().abs().sum(dim=1)
     present = torch.nonzero(rows > 0).flatten().cpu()
     if len(present) == 0 or len(present) > rows.numel() // 2:
@@ -79,13 +102,16 @@ def token_set(victim: Victim, grads: dict[str, torch.Tensor]) -> torch.Tensor | 
     return present
 
 
-def occupied_positions(victim: Victim, grads: dict[str, torch.Tensor]) -> int | None:
+def occupied_positions(victim: Victim, grads: dict[str, torch.Tensor], noisy: bool = False) -> int | None:
     found = position_embedding(victim.model)
     if found is None:
         return None
     name = f"{found[0]}.weight"
     if name not in grads:
         return None
+    if noisy:
+        rows = outlier_rows(grads[name])
+        return int(rows.max()) + 1 if len(rows) else None
     rows = torch.nonzero(grads[name].detach().abs().sum(dim=1) > 0).flatten()
     return int(rows.max()) + 1 if len(rows) else 0
 
@@ -100,9 +126,20 @@ def _layer_inputs(victim: Victim, probe: Projection, tokens: torch.Tensor, posit
 
 
 def position_candidates(
-    victim: Victim, probe: Projection, span: Span, pool: torch.Tensor, position: int, threshold: float
+    victim: Victim,
+    probe: Projection,
+    span: Span,
+    pool: torch.Tensor,
+    position: int,
+    threshold: float,
+    null: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates at `position` whose layer input lies within `threshold` of the span, and, with a
+    `null` sample of random token ids, below NULL_RATIO times the null's median residual."""
     res = residual(span, _layer_inputs(victim, probe, pool, position))
+    if null is not None:
+        ref = residual(span, _layer_inputs(victim, probe, null, position)).median()
+        threshold = min(threshold, NULL_RATIO * float(ref))
     keep = res < threshold
     order = torch.argsort(res[keep])
     return pool[keep][order], res[keep][order]
@@ -142,35 +179,52 @@ class ExactAttack:
             )
         span1 = span_of(gradient_rows(grads, first))
         probe = first[0]
-        check = ContextCheck(second[0], span_of(gradient_rows(grads, second)))
-        if span1.full and not options.force:
+        noisy = span1.full and (knowledge.perturbed or options.force)
+        if span1.full and not noisy:
             raise GradleakError(
                 f"the first layer's gradient has no clear rank below the hidden width {hidden} "
                 f"(rank {span1.rank}, gap {span1.gap:.3g}): the batch's token count reaches the width, "
                 "or the update is perturbed; span checks cannot hold (use --force to try anyway)"
             )
-        threshold = _threshold(update)
-        pool = token_set(victim, grads)
+        spans = noisy_span_of if noisy else span_of
+        if noisy:
+            span1 = noisy_span_of(gradient_rows(grads, first))
+            notes.append(
+                f"perturbed update: rank {span1.rank} of {hidden} kept above the noise bulk, "
+                "candidates ranked against random tokens"
+            )
+            if span1.rank >= NOISY_FILL * hidden:
+                notes.append("no signal stands out of the noise: nothing recovered")
+                return Reconstruction((), (), None, (), time.perf_counter() - start, tuple(notes))
+        check = ContextCheck(second[0], spans(gradient_rows(grads, second)))
+        threshold = _threshold(update) if not noisy else 1.0
+        pool = token_set(victim, grads, noisy or knowledge.perturbed)
         if pool is None:
             vocab = victim.model.get_input_embeddings().weight.shape[0]
             pool = torch.arange(vocab)
             notes.append("word-embedding gradient not available: the whole vocabulary is the candidate set")
         else:
             notes.append(f"token set of {len(pool)} ids from the word-embedding gradient")
-        n_pos = occupied_positions(victim, grads)
+        n_pos = occupied_positions(victim, grads, noisy or knowledge.perturbed)
         if n_pos is None:
             n_pos = max(knowledge.lengths) if knowledge.lengths else None
         limit = n_pos if n_pos is not None else victim.model.config.max_position_embeddings
         candidates = Candidates([], [])
+        gen = torch.Generator().manual_seed(options.seed)
+        vocab_size = victim.model.get_input_embeddings().weight.shape[0]
         for p in range(limit):
-            toks, scores = position_candidates(victim, probe, span1, pool, p, threshold)
+            null = torch.randint(0, vocab_size, (NULL_SAMPLES,), generator=gen) if noisy else None
+            toks, scores = position_candidates(victim, probe, span1, pool, p, threshold, null)
+            if noisy and knowledge.batch_size is not None:  # ranked: the best few per position
+                toks, scores = toks[: 2 * knowledge.batch_size + 2], scores[: 2 * knowledge.batch_size + 2]
             if len(toks) == 0 and n_pos is None:
                 break
             candidates.tokens.append(toks)
             candidates.scores.append(scores)
             if progress is not None:
                 progress(p + 1, limit, float(scores[0]) if len(scores) else float("nan"))
-        candidates = _tighten(candidates, threshold)
+        if not noisy:
+            candidates = _tighten(candidates, threshold)
         log.info(
             "rank %d/%d, %d positions, candidates per position %s",
             span1.rank,
@@ -179,7 +233,10 @@ class ExactAttack:
             [len(t) for t in candidates.tokens],
         )
         assemble = _assemble_decoder if is_causal(victim) else _assemble_encoder
-        sequences = assemble(victim, candidates, check, threshold, knowledge, start + options.time_budget)
+        null_gen = (gen, vocab_size) if noisy else None
+        sequences = assemble(
+            victim, candidates, check, threshold, knowledge, start + options.time_budget, null_gen
+        )
         if knowledge.batch_size is not None and len(sequences) > knowledge.batch_size:
             sequences = sequences[: knowledge.batch_size]
         labels = None
@@ -254,16 +311,29 @@ def _assemble_decoder(
     threshold: float,
     knowledge: Knowledge,
     deadline: float,
+    null: tuple[torch.Generator, int] | None = None,
 ) -> list[list[int]]:
-    """Grow prefixes position by position; keep extensions whose last second-layer input is in span."""
+    """Grow prefixes position by position; keep extensions whose last second-layer input is in span
+    (with `null`: ranked against random-token extensions of the same prefixes, beam of 4B)."""
     if not cands.tokens or len(cands.tokens[0]) == 0:
         return []
     prefixes: list[list[int]] = [[int(t)] for t in cands.tokens[0]]
     scores: list[float] = [0.0] * len(prefixes)
     finished: list[tuple[list[int], float]] = []
+    beam = MAX_PREFIXES if null is None or knowledge.batch_size is None else 4 * knowledge.batch_size
+
+    def cut(p: int, prefixes: list[list[int]]) -> float:
+        if null is None or not prefixes:
+            return threshold
+        gen, vocab = null
+        rand = torch.randint(0, vocab, (NULL_SAMPLES,), generator=gen).tolist()
+        trial = [prefixes[k % len(prefixes)][:p] + [t] for k, t in enumerate(rand)]
+        return min(threshold, NULL_RATIO * float(context_residuals(victim, check, trial)[:, p].median()))
+
     if len(prefixes) > 0:
         res = context_residuals(victim, check, prefixes)[:, 0]
-        keep = [i for i in range(len(prefixes)) if res[i] < threshold]
+        limit0 = cut(0, prefixes)
+        keep = [i for i in range(len(prefixes)) if res[i] < limit0]
         prefixes = [prefixes[i] for i in keep]
         scores = [float(res[i]) for i in keep]
     for p in range(1, len(cands.tokens)):
@@ -275,10 +345,11 @@ def _assemble_decoder(
             break
         parent = [i for i in range(len(prefixes)) for _ in toks]
         res = context_residuals(victim, check, ext)[:, p]
+        limit = cut(p, prefixes)
         alive = set()
         new, new_scores = [], []
         for k in torch.argsort(res).tolist():
-            if res[k] >= threshold or len(new) >= MAX_PREFIXES:
+            if res[k] >= limit or len(new) >= beam:
                 break
             new.append(ext[k])
             new_scores.append(max(scores[parent[k]], float(res[k])))
@@ -328,6 +399,7 @@ def _assemble_encoder(
     threshold: float,
     knowledge: Knowledge,
     deadline: float,
+    null: tuple[torch.Generator, int] | None = None,
 ) -> list[list[int]]:
     """Assign each position's candidates to sequences so that every sequence's context inputs lie
     in the span: coordinate descent over positions (Hungarian assignment of that position's tokens
@@ -359,6 +431,8 @@ def _assemble_encoder(
         candidate token is used by some live sequence, without it a false candidate may go unused."""
         changed = False
         for p in range(width):
+            if time.perf_counter() > deadline:
+                break
             rows, toks = free[p], options[p]
             if len(rows) < 2 or len(toks) < 1:
                 continue
@@ -381,6 +455,8 @@ def _assemble_encoder(
     def crossover(seqs: list[list[int]], current: torch.Tensor) -> bool:
         """The best swap of heads (positions before p) between two sequences, if it helps: it moves
         a sentence's start to the length slot it belongs to, which single-position moves cannot."""
+        if time.perf_counter() > deadline:
+            return False
         moves, trial = [], []
         for a in range(n):
             for b in range(a + 1, n):
@@ -443,9 +519,7 @@ def _assemble_encoder(
 # ------------------------------------------------------------------ labels
 
 
-def _labels(
-    victim: Victim, grads: dict[str, torch.Tensor], seqs: list[list[int]]
-) -> tuple[int, ...] | None:
+def _labels(victim: Victim, grads: dict[str, torch.Tensor], seqs: list[list[int]]) -> tuple[int, ...] | None:
     weight, _ = head_parameters(victim)
     if weight is None or weight not in grads:
         return infer_labels(victim, grads, len(seqs))
@@ -455,20 +529,18 @@ def _labels(
     ids, mask = _pad(victim, seqs)
     try:
         with torch.no_grad():
-            logits = victim.logits(attention_mask=mask, input_ids=ids)
+            victim.logits(attention_mask=mask, input_ids=ids)
     finally:
         handle.remove()
     h = feats[0]
     if h.dim() == 3:  # GPT-2 scores every position and pools the last real token
         last = mask.sum(1) - 1
         h = h[torch.arange(len(seqs)), last]
-        if logits.dim() == 3:
-            logits = logits[torch.arange(len(seqs)), last]
-    probs = torch.softmax(logits.double(), -1)
     g = grads[weight].detach().double()  # (C, hidden) = mean_i (p_i - y_i) h_i^T
     coeffs = torch.linalg.lstsq(h.double().T, (g * len(seqs)).T).solution  # (B, C)
-    y = probs - coeffs
-    return tuple(int(c) for c in y.argmax(-1))
+    # row i is c_i (p_i - y_i) with c_i > 0 (c_i = 1, or a per-example clipping factor): its one
+    # negative entry is the label, whatever the scale
+    return tuple(int(c) for c in coeffs.argmin(-1))
 
 
 EXACT = register(ExactAttack())

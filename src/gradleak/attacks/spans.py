@@ -5,6 +5,11 @@ delta_i x_i^T over the tokens i of the batch, so its rows span (at most) the inp
 occurred: rank <= number of distinct tokens. A candidate input lies in that span exactly when it
 occurred (generically). The rank is cut at the last relative singular-value gap of at least
 MIN_GAP that falls under FLOOR; with no such gap the span is taken as the whole space.
+
+A perturbed update (noise added) has no such gap: `noisy_span_of` then keeps the singular values
+above the optimal hard threshold for a low-rank matrix in white noise of unknown level (Gavish &
+Donoho 2014, omega(beta) * median singular value), i.e. the rank is chosen by energy above the
+noise bulk rather than by a gap.
 """
 
 from __future__ import annotations
@@ -54,3 +59,23 @@ def residual(span: Span, x: torch.Tensor) -> torch.Tensor:
     x = x.to(torch.float64)
     proj = (x @ span.basis) @ span.basis.T
     return (x - proj).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-300)
+
+
+def gavish_donoho_omega(beta: float) -> float:
+    """omega(beta) of Gavish & Donoho (2014, eq. 5): the hard threshold is omega * median(s) for an
+    m x n matrix with beta = min(m, n) / max(m, n) and white noise of unknown level."""
+    return 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+
+
+def noisy_span_of(rows: torch.Tensor) -> Span:
+    """The row span of `rows` (k, d) kept above the noise bulk (see the module docstring)."""
+    rows = rows.to(torch.float64)
+    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
+    dim = rows.shape[1]
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return Span(torch.zeros(dim, 0, dtype=torch.float64), 0, dim, float("inf"))
+    beta = min(rows.shape) / max(rows.shape)
+    cut = gavish_donoho_omega(beta) * float(s.median())
+    rank = max(1, int((s > cut).sum()))
+    gap = float(s[rank - 1] / s[rank]) if rank < len(s) else float("inf")
+    return Span(vh[:rank].T.contiguous(), rank, dim, gap)

@@ -304,6 +304,68 @@ def context_residuals(victim: Victim, check: ContextCheck, seqs: list[list[int]]
     return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=float("inf")) for r in out])
 
 
+def _cached_prefix_run(victim: Victim, proj: Projection, ids: torch.Tensor, cache=None, offset: int = 0):
+    """Run `ids` (n, k) at positions offset.. through the model up to `proj` with a KV cache; return
+    (captured input, cache)."""
+    from transformers import DynamicCache
+
+    if cache is None:
+        cache = DynamicCache(config=victim.model.config)
+    n, k = ids.shape
+    mask = torch.ones((n, offset + k), dtype=torch.long, device=victim.device)
+    pos = torch.arange(offset, offset + k, device=victim.device).expand(n, k)
+    module = victim.model.get_submodule(proj.name.rsplit(".", 1)[0])
+    captured: list[torch.Tensor] = []
+
+    def hook(mod, args):
+        captured.append(args[0].detach())
+        raise _CacheStop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            victim.model(
+                input_ids=ids.to(victim.device), attention_mask=mask, position_ids=pos,
+                past_key_values=cache, use_cache=True,
+            )  # fmt: skip
+    except _CacheStop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0], cache
+
+
+class _CacheStop(Exception):
+    pass
+
+
+def extension_residuals(
+    victim: Victim, check: ContextCheck, prefixes: list[list[int]], parents: list[int], tokens: list[int]
+) -> torch.Tensor:
+    """Span residuals of the context input at the new position of prefixes[parents[k]] + [tokens[k]]:
+    the prefixes' keys and values are computed once (KV cache) and only the new tokens run, which is
+    what the causal mask allows. Falls back to whole sequences where the model has no such cache."""
+    p = len(prefixes[0])
+    try:
+        from transformers import DynamicCache
+
+        _, cache = _cached_prefix_run(victim, check.proj, torch.tensor(prefixes))
+        layer = cache.layers[0]
+        out = []
+        for start in range(0, len(tokens), CHUNK):
+            idx = torch.tensor(parents[start : start + CHUNK], device=layer.keys.device)
+            sub = DynamicCache(config=victim.model.config)
+            sub.update(layer.keys[idx], layer.values[idx], 0)
+            new = torch.tensor(tokens[start : start + CHUNK]).unsqueeze(1)
+            x, _ = _cached_prefix_run(victim, check.proj, new, sub, offset=p)
+            out.append(residual(check.span, x[:, 0].cpu()))
+        return torch.cat(out)
+    except (AttributeError, TypeError, ValueError, IndexError, RuntimeError) as exc:  # no usable cache
+        log.debug("no KV cache for the decoder check (%s): whole sequences", exc)
+        seqs = [prefixes[i] + [t] for i, t in zip(parents, tokens, strict=True)]
+        return context_residuals(victim, check, seqs)[:, p]
+
+
 def _assemble_decoder(
     victim: Victim,
     cands: Candidates,
@@ -327,8 +389,12 @@ def _assemble_decoder(
             return threshold
         gen, vocab = null
         rand = torch.randint(0, vocab, (NULL_SAMPLES,), generator=gen).tolist()
-        trial = [prefixes[k % len(prefixes)][:p] + [t] for k, t in enumerate(rand)]
-        return min(threshold, NULL_RATIO * float(context_residuals(victim, check, trial)[:, p].median()))
+        if p == 0:
+            trial = [[t] for t in rand]
+            return min(threshold, NULL_RATIO * float(context_residuals(victim, check, trial)[:, 0].median()))
+        parents = [k % len(prefixes) for k in range(len(rand))]
+        res = extension_residuals(victim, check, prefixes, parents, rand)
+        return min(threshold, NULL_RATIO * float(res.median()))
 
     if len(prefixes) > 0:
         res = context_residuals(victim, check, prefixes)[:, 0]
@@ -344,7 +410,7 @@ def _assemble_decoder(
         if not ext:
             break
         parent = [i for i in range(len(prefixes)) for _ in toks]
-        res = context_residuals(victim, check, ext)[:, p]
+        res = extension_residuals(victim, check, prefixes, parent, [t for _ in prefixes for t in toks])
         limit = cut(p, prefixes)
         alive = set()
         new, new_scores = [], []

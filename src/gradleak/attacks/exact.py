@@ -179,24 +179,29 @@ class ExactAttack:
             )
         span1 = span_of(gradient_rows(grads, first))
         probe = first[0]
-        noisy = span1.full and (knowledge.perturbed or options.force)
+        # a perturbed update (the server knows the protocol) is treated as noisy even where a gap shows:
+        # fixed thresholds tuned to rounding error would let noise-level false candidates through
+        noisy = knowledge.perturbed or (span1.full and options.force)
         if span1.full and not noisy:
             raise GradleakError(
                 f"the first layer's gradient has no clear rank below the hidden width {hidden} "
                 f"(rank {span1.rank}, gap {span1.gap:.3g}): the batch's token count reaches the width, "
                 "or the update is perturbed; span checks cannot hold (use --force to try anyway)"
             )
-        spans = noisy_span_of if noisy else span_of
-        if noisy:
+        # the rank: by the gap where one shows (noise still below rounding), else above the noise bulk
+        how = "at its singular-value gap"
+        if noisy and span1.full:
             span1 = noisy_span_of(gradient_rows(grads, first))
+            how = "above the noise bulk"
+        if noisy:
             notes.append(
-                f"perturbed update: rank {span1.rank} of {hidden} kept above the noise bulk, "
+                f"perturbed update: first-layer rank {span1.rank} of {hidden} cut {how}, "
                 "candidates ranked against random tokens"
             )
             if span1.rank >= NOISY_FILL * hidden:
                 notes.append("no signal stands out of the noise: nothing recovered")
                 return Reconstruction((), (), None, (), time.perf_counter() - start, tuple(notes))
-        check = ContextCheck(second[0], spans(gradient_rows(grads, second)))
+        check = ContextCheck(second[0], (noisy_span_of if noisy else span_of)(gradient_rows(grads, second)))
         threshold = _threshold(update) if not noisy else 1.0
         pool = token_set(victim, grads, noisy or knowledge.perturbed)
         if pool is None:
@@ -216,7 +221,7 @@ class ExactAttack:
             null = torch.randint(0, vocab_size, (NULL_SAMPLES,), generator=gen) if noisy else None
             toks, scores = position_candidates(victim, probe, span1, pool, p, threshold, null)
             if noisy and knowledge.batch_size is not None:  # ranked: the best few per position
-                toks, scores = toks[: 2 * knowledge.batch_size + 2], scores[: 2 * knowledge.batch_size + 2]
+                toks, scores = toks[: 4 * knowledge.batch_size + 4], scores[: 4 * knowledge.batch_size + 4]
             if len(toks) == 0 and n_pos is None:
                 break
             candidates.tokens.append(toks)

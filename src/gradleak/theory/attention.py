@@ -87,6 +87,21 @@ class AttentionLayer:
         grads = torch.autograd.grad(loss, [weights[k] for k in share], create_graph=create_graph)
         return {k: g if create_graph else g.detach() for k, g in zip(share, grads, strict=True)}
 
+    def functional_gradients(
+        self, X: torch.Tensor, Y: torch.Tensor, share: Sequence[str] = WEIGHTS
+    ) -> dict[str, torch.Tensor]:
+        """The same gradients through `torch.func.grad`, so that `torch.func.jacfwd` can differentiate
+        them in X and Y (Jacobians for Levenberg-Marquardt and the identifiability analysis)."""
+        from torch.func import grad
+
+        fixed = self.weights()
+
+        def loss(shared: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.loss(X, Y, {**fixed, **shared})
+
+        grads = grad(loss)({k: fixed[k] for k in share})
+        return {k: grads[k] for k in share}
+
 
 def _scaled(shape: tuple[int, int], norm: float, gen: torch.Generator) -> torch.Tensor:
     w = torch.randn(shape, generator=gen, dtype=DTYPE)

@@ -42,7 +42,8 @@ class ConvergenceReport:
     gd_gradient_bound: float  # 2 L f(x0) / T
     gd_value_bound: float  # L ||x0 - x*||^2 / (2T) (convex case, for reference)
     linear_rate: float | None  # fitted per-evaluation contraction of the best objective (< 1 is linear)
-    within_gradient_bound: bool
+    within_gradient_bound: bool  # at the end of the run
+    bound_violations: int  # prefixes T at which min_{k<T} ||grad f||^2 exceeded 2 L f(x0) / T
 
     def to_json(self) -> dict[str, float | int | bool | None]:
         return {k: _finite(v) for k, v in self.__dict__.items()}
@@ -94,6 +95,8 @@ def analyse(trace: Trace) -> ConvergenceReport:
     f0 = trace.objective[0]
     gbound = gd_gradient_bound(L, f0, T)
     min_g = min(trace.grad_sq)
+    running = running_min(trace.grad_sq)
+    violations = sum(m > gd_gradient_bound(L, f0, t) for t, m in enumerate(running, start=1))
     return ConvergenceReport(
         evaluations=T,
         smoothness=L,
@@ -104,6 +107,7 @@ def analyse(trace: Trace) -> ConvergenceReport:
         gd_value_bound=gd_value_bound(L, trace.start_distance, T),
         linear_rate=linear_rate(trace.objective),
         within_gradient_bound=bool(min_g <= gbound) if math.isfinite(gbound) else False,
+        bound_violations=int(violations) if math.isfinite(L) else T,
     )
 
 

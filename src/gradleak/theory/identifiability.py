@@ -59,10 +59,10 @@ def gradient_jacobian(
     def shared(z: torch.Tensor) -> torch.Tensor:
         Xz = z[: n * d].reshape(n, d)
         Yz = Y if known_target else z[n * d :].reshape(n, d)
-        return flat(clip_tensors(layer.gradients(Xz, Yz, share, create_graph=True), clip))
+        return flat(clip_tensors(layer.functional_gradients(Xz, Yz, share), clip))
 
     z = X.reshape(-1) if known_target else torch.cat([X.reshape(-1), Y.reshape(-1)])
-    return torch.autograd.functional.jacobian(shared, z)
+    return torch.func.jacfwd(shared)(z)
 
 
 def local_identifiability(

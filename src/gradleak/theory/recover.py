@@ -33,13 +33,15 @@ from gradleak.theory.attention import (
     parse_share,
 )
 from gradleak.theory.convergence import ConvergenceReport, Trace, analyse
+from gradleak.theory.identifiability import LocalIdentifiability, local_identifiability
 from gradleak.theory.share import SharedGradient, check_noise, clip_tensors, share_gradient
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("lbfgs", "adam", "gd")
+OPTIMIZERS = ("lbfgs", "adam", "gd", "lm")
 Progress = Callable[[int, int, float], None]  # (evaluation, total, objective)
 Monitor = Callable[[torch.Tensor, torch.Tensor | None], float]  # (X', Y' or None) -> error
+MAX_JACOBIAN_UNKNOWNS = 2048  # above this, local identifiability is not computed
 STOP_OBJECTIVE = 1e-26  # relative objective at which a restart has matched to machine precision
 
 
@@ -80,14 +82,15 @@ def aligned_error(
 @dataclass(frozen=True)
 class MatchOptions:
     optimizer: str = "lbfgs"
-    iterations: int = 300  # gradient evaluations per restart
-    restarts: int = 4
-    learning_rate: float = 0.05  # Adam; L-BFGS uses 1 with a strong-Wolfe line search; GD backtracks
+    iterations: int = 300  # gradient evaluations per restart (LM: Jacobians)
+    restarts: int = 8
+    learning_rate: float = 0.05  # Adam; L-BFGS uses 1 with a strong-Wolfe line search; GD and LM adapt
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise GradleakError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+            choices = ", ".join(OPTIMIZERS)
+            raise GradleakError(f"unknown optimizer {self.optimizer!r}; choose one of {choices}")
         if self.iterations < 1:
             raise GradleakError(f"iterations must be at least 1, got {self.iterations}")
         if self.restarts < 1:
@@ -146,10 +149,25 @@ class _Run:
         Y = self.Y_known if self.Y_known is not None else z[self.n * d :].reshape(self.n, d)
         return X, Y
 
-    def value(self, z: torch.Tensor) -> torch.Tensor:
+    def residual(self, z: torch.Tensor) -> torch.Tensor:
+        """(clip(G(X', Y')) - G~) / ||G~||: the objective is its squared norm."""
         X, Y = self.split(z)
-        grads = clip_tensors(self.layer.gradients(X, Y, self.shared.share, create_graph=True), self.shared.clip)
-        return (flat(grads) - self.target).pow(2).sum() / self.scale
+        grads = self.layer.gradients(X, Y, self.shared.share, create_graph=True)
+        grads = clip_tensors(grads, self.shared.clip)
+        return (flat(grads) - self.target) / math.sqrt(self.scale)
+
+    def value(self, z: torch.Tensor) -> torch.Tensor:
+        return self.residual(z).pow(2).sum()
+
+    def jacobian(self, z: torch.Tensor) -> torch.Tensor:
+        """d residual / d z by forward mode over `torch.func.grad` (one vectorised pass)."""
+
+        def residual(zz: torch.Tensor) -> torch.Tensor:
+            X, Y = self.split(zz)
+            grads = clip_tensors(self.layer.functional_gradients(X, Y, self.shared.share), self.shared.clip)
+            return (flat(grads) - self.target) / math.sqrt(self.scale)
+
+        return torch.func.jacfwd(residual)(z)
 
     def evaluate(self, z: torch.Tensor) -> tuple[float, torch.Tensor]:
         """f(z) and its gradient, recorded; raises _Done at the budget or at machine precision."""
@@ -241,7 +259,34 @@ def _gd(run: _Run, z: torch.Tensor, opts: MatchOptions) -> None:
         L = max(L / 2.0, 1e-12)
 
 
-_STEPPERS = {"lbfgs": _lbfgs, "adam": _adam, "gd": _gd}
+def _lm(run: _Run, z: torch.Tensor, opts: MatchOptions) -> None:
+    """Levenberg-Marquardt on the residual vector: an iteration is one Jacobian (as many gradient
+    evaluations as the shared gradient has entries) and one recorded evaluation; trial steps that
+    do not decrease the objective raise the damping."""
+    lam = 1e-3
+    x = z.detach().clone()
+    while True:
+        f, _ = run.evaluate(x)
+        if f < STOP_OBJECTIVE:
+            return
+        r = run.residual(x).detach()
+        J = run.jacobian(x)
+        g, H = J.T @ r, J.T @ J
+        damping = torch.diag(torch.diag(H)) + 1e-12 * torch.eye(H.shape[0], dtype=DTYPE)
+        while lam < 1e12:
+            x_new = x - torch.linalg.solve(H + lam * damping, g)
+            f_new = float(run.value(x_new).detach())
+            if f_new < f:
+                x, lam = x_new, max(lam / 3.0, 1e-12)
+                break
+            lam *= 4.0
+        else:
+            return  # no descent step at any damping: a stationary point
+        with torch.no_grad():
+            z.copy_(x)
+
+
+_STEPPERS = {"lbfgs": _lbfgs, "adam": _adam, "gd": _gd, "lm": _lm}
 
 
 def gradient_matching(
@@ -313,9 +358,10 @@ class RecoverySpec:
     init_distance: float | None = None  # None: random start; r: ||X'_0 - X|| = r ||X|| (and for Y')
     optimizer: str = "lbfgs"
     iterations: int = 300
-    restarts: int = 4
+    restarts: int = 8
     learning_rate: float = 0.05
     tolerance: float = 1e-3
+    jacobian: bool = True  # also report local identifiability (the Jacobian at the truth)
 
     def validate(self) -> None:
         check_size(self.n, self.d)
@@ -349,6 +395,7 @@ class RecoveryResult:
     epsilon: float  # of the shared gradient at spec.delta (inf: no DP guarantee)
     symmetries: tuple[str, ...]
     convergence: ConvergenceReport
+    identifiability: LocalIdentifiability | None
     trace: Trace = field(repr=False)
 
     @property
@@ -373,6 +420,7 @@ class RecoveryResult:
             "delta": self.spec.delta,
             "symmetries": list(self.symmetries),
             "convergence": self.convergence.to_json(),
+            "identifiability": None if self.identifiability is None else self.identifiability.to_json(),
             "spec": asdict(self.spec),
         }
         if with_trace:
@@ -439,7 +487,9 @@ def recover(spec: RecoverySpec, progress: Progress | None = None) -> RecoveryRes
     err_x, err_y = aligned_error(chosen.X, X, chosen.Y, None if chosen.Y is None else Y)
     spent_before = sum(len(a.trace) for a in attempts[:best])
     iterations = None if chosen.first_within is None else spent_before + chosen.first_within
-    del truth
+    local = None
+    if spec.jacobian and truth.numel() <= MAX_JACOBIAN_UNKNOWNS:
+        local = local_identifiability(layer, X, Y, share, known_target=spec.known_target, clip=spec.clip)
     return RecoveryResult(
         spec=spec,
         relative_error=err_x,
@@ -453,5 +503,6 @@ def recover(spec: RecoverySpec, progress: Progress | None = None) -> RecoveryRes
         epsilon=shared.epsilon,
         symmetries=symmetries(spec.known_target),
         convergence=analyse(chosen.trace),
+        identifiability=local,
         trace=chosen.trace,
     )

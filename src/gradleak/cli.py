@@ -15,6 +15,7 @@ from rich.table import Table
 
 from gradleak.cli_runs import COMMANDS as RUN_COMMANDS
 from gradleak.errors import GradleakError
+from gradleak.flower.cli import fl as fl_command
 from gradleak.theory.cli import theory_app
 
 app = typer.Typer(
@@ -385,6 +386,8 @@ app.add_typer(theory_app, name="theory")
 
 for _command in RUN_COMMANDS:  # sweep, report, audit (gradleak.cli_runs)
     app.command()(_command)
+
+app.command("fl")(fl_command)  # Flower simulation with the server-side audit (gradleak.flower.cli)
 
 
 def main() -> None:

@@ -1,0 +1,207 @@
+"""The commands that run many runs and read them back: `sweep`, `report` and `audit` (the main job).
+
+Registered on the app in `gradleak.cli`; heavy modules (torch, matplotlib, Ray) load only when a
+command runs, and the CLI's helpers are imported at call time (`gradleak.cli` imports this module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gradleak import audit as audit_defaults
+from gradleak.errors import GradleakError
+
+Device = Annotated[str | None, typer.Option(help="cpu or cuda: overrides every run's device.")]
+JsonOut = Annotated[str | None, typer.Option("--json", help="Write JSON to FILE ('-' for stdout).")]
+
+
+def _console(json_out: str | None) -> Console:
+    """Where human output goes: stderr when JSON goes to stdout."""
+    return Console(stderr=True) if json_out == "-" else Console()
+
+
+@contextmanager
+def _sweep_progress(total: int, console: Console):
+    """A two-line progress display: runs done, and the steps of the run in this process."""
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    with bar:
+        runs = bar.add_task("runs", total=total)
+        steps = bar.add_task("", total=1, visible=False)
+
+        def on_start(job) -> None:
+            bar.update(steps, description=f"  {job.label()}", completed=0, total=1, visible=True)
+
+        def on_result(row) -> None:
+            bar.advance(runs)
+            bar.update(steps, visible=False)
+
+        def progress(step: int, total_steps: int, value: float) -> None:
+            bar.update(steps, completed=step, total=total_steps)
+
+        yield on_start, on_result, progress
+
+
+def _run(
+    jobs: Sequence[Any], store_path: str, executor: str, workers: int, address: str | None, console: Console
+):
+    from gradleak.store import Store
+    from gradleak.sweeps import run_sweep
+    from gradleak.sweeps.executors import make_executor
+
+    runner = make_executor(executor, workers, address)
+    with Store.open(store_path, create=True) as store:
+        todo = len(jobs) - len(store.finished_keys() & {j.key for j in jobs})
+        with _sweep_progress(todo, console) as (on_start, on_result, progress):
+            summary = run_sweep(
+                jobs, store, runner, on_start=on_start, on_result=on_result, progress=progress
+            )
+        rows = store.runs(keys=[j.key for j in jobs])
+    return summary, rows
+
+
+def _show_summary(summary, store: str, console: Console) -> None:
+    table = Table(title=f"sweep of {summary.total} run{'' if summary.total == 1 else 's'}, store {store}")
+    for col in ("total", "done", "skipped", "failed", "seconds"):
+        table.add_column(col, justify="right")
+    table.add_row(*(str(v) for v in summary.to_json().values()), f"{summary.seconds:.1f}")
+    console.print(table)
+    for label, error in summary.errors:
+        console.print(f"failed: {label}: {error}", markup=False, highlight=False)
+
+
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="The sweep spec (TOML): a [grid] of run-spec fields.")],
+    store: Annotated[str, typer.Option(help="SQLite results store; made if missing.")] = "results.sqlite",
+    executor: Annotated[str, typer.Option(help="local (in process) or ray.")] = "local",
+    workers: Annotated[int, typer.Option(help="Runs at once: worker processes, or Ray CPUs.")] = 1,
+    address: Annotated[
+        str | None, typer.Option(help="An existing Ray cluster (host:port, ray://host:port or auto).")
+    ] = None,
+    device: Device = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Overrides every run's seed (the grid's seed axis).")
+    ] = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Run a grid of runs, each stored as it finishes; re-running skips the finished ones."""
+    from gradleak.cli import write_json
+    from gradleak.sweeps import load_plan
+
+    overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
+    plan = load_plan(spec, overrides)
+    console = _console(json_out)
+    summary, _ = _run(plan.jobs, store, executor, workers, address, console)
+    _show_summary(summary, store, console)
+    if json_out is not None:
+        write_json(summary.to_json(), json_out)
+
+
+def report(
+    store: Annotated[Path, typer.Argument(help="A gradleak results store (SQLite).")],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
+    title: Annotated[str, typer.Option(help="The report's title.")] = "gradleak report",
+) -> None:
+    """Write one self-contained HTML report of a store: tables, plots, reconstructions."""
+    from gradleak.report import load_report_data, write_report
+    from gradleak.store import Store
+
+    with Store.open(store) as s:
+        runs = s.runs()
+    data = load_report_data(runs, source=str(store))
+    path = write_report(out, data, title=title)
+    Console().print(f"report of {len(runs)} runs: {path}", markup=False, highlight=False)
+
+
+def audit(
+    victim: Annotated[str, typer.Option(help="Preset or model directory.")] = audit_defaults.DEFAULT_VICTIM,
+    data: Annotated[str, typer.Option(help="Named data set or file.")] = audit_defaults.DEFAULT_DATA,
+    batch_size: Annotated[
+        int, typer.Option(help="Sentences in the private batch.")
+    ] = audit_defaults.DEFAULT_BATCH_SIZE,
+    defense: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--defense",
+            help="The defence chain to audit, NAME[:key=value,...]; repeatable. "
+            "Default dp-sgd:clip=1,multiplier=1.",
+        ),
+    ] = None,
+    attack: Annotated[
+        list[str] | None, typer.Option("--attack", help="Attacks to run (default exact and tag); repeatable.")
+    ] = None,
+    iterations: Annotated[
+        int, typer.Option(help="Steps of gradient-matching attacks.")
+    ] = audit_defaults.DEFAULT_ITERATIONS,
+    time_budget: Annotated[float, typer.Option(help="Seconds the exact attack's search may take.")] = 60.0,
+    max_words: Annotated[int | None, typer.Option(help="Only sentences of at most this many words.")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the model, the batch, the noise and the attacks.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, or cuda where present.")] = "cpu",
+    delta: Annotated[float, typer.Option(help="The delta of the reported (epsilon, delta).")] = 1e-5,
+    accountant: Annotated[str, typer.Option(help="rdp, pld, prv, analytic or classic.")] = "rdp",
+    store: Annotated[
+        str, typer.Option(help="Results store to keep the runs in; a re-run skips the finished ones.")
+    ] = "gradleak-audit.sqlite",
+    out: Annotated[Path, typer.Option(help="The HTML report to write.")] = Path("gradleak-audit.html"),
+    json_out: JsonOut = None,
+) -> None:
+    """The main job: attack one client's update with and without a defence; verdict, epsilon, report."""
+    from gradleak.cli import write_json
+    from gradleak.report import load_report_data, write_report
+
+    spec = audit_defaults.AuditSpec(
+        victim=victim,
+        data=data,
+        batch_size=batch_size,
+        attacks=tuple(attack or audit_defaults.DEFAULT_ATTACKS),
+        defenses=tuple(defense or audit_defaults.DEFAULT_DEFENSES),
+        iterations=iterations,
+        seed=seed,
+        device=device,
+        time_budget=time_budget,
+        max_words=max_words,
+        delta=delta,
+        accountant=accountant,
+    )
+    jobs = spec.jobs()
+    if not out.parent.exists():
+        raise GradleakError(f"cannot write the report: folder {out.parent} does not exist")
+    console = _console(json_out)
+    summary, rows = _run(jobs, store, "local", 1, None, console)
+    data_ = load_report_data(rows, source=store)
+    sentences = audit_defaults.verdict(spec, data_)
+    path = write_report(
+        out, data_, title=f"gradleak audit: {victim} on {data}, B={batch_size}", verdict=sentences
+    )
+    for line in [*sentences, f"report: {path}"]:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if json_out is not None:
+        write_json(
+            {
+                "verdict": sentences,
+                "report": str(path),
+                "store": store,
+                "summary": summary.to_json(),
+                "runs": [r.record for r in rows if r.record is not None],
+                "failed": [{"run": f.label, "error": f.error} for f in data_.failed],
+            },
+            json_out,
+        )
+
+
+COMMANDS: tuple[Callable[..., None], ...] = (sweep, report, audit)

@@ -1,0 +1,108 @@
+"""What a sweep runs: kinds of run (a registry), a job (kind + spec), and `execute`, which turns a job
+into a stored row and never raises for a failing run (the failure is the row)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gradleak.errors import GradleakError
+from gradleak.store import StoredRun, canonical, gradleak_version, run_key
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """A kind of run: its spec class and run function (imported lazily: torch loads only when needed)."""
+
+    name: str
+    load: Callable[[], tuple[type, Callable[..., Any]]]
+    summary: str
+
+
+def _attack() -> tuple[type, Callable[..., Any]]:
+    from gradleak.experiment import RunSpec, run_one
+
+    return RunSpec, run_one
+
+
+def _train() -> tuple[type, Callable[..., Any]]:
+    from gradleak.train import TrainSpec, train
+
+    return TrainSpec, train
+
+
+KINDS: dict[str, RunKind] = {
+    k.name: k
+    for k in (
+        RunKind("attack", _attack, "reconstruct a private batch from its update (RunSpec -> RunRecord)"),
+        RunKind("train", _train, "train under the defence chain (TrainSpec -> TrainRecord)"),
+    )
+}
+
+
+def get_kind(name: str) -> RunKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise GradleakError(f"unknown kind of run {name!r}: choose one of {', '.join(KINDS)}") from None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of a sweep: its kind and its spec (a RunSpec or a TrainSpec)."""
+
+    kind: str
+    spec: Any
+
+    @property
+    def key(self) -> str:
+        return run_key(self.kind, self.spec)
+
+    def label(self) -> str:
+        s = self.spec
+        defenses = ",".join(getattr(s, "defenses", ())) or "no defence"
+        what = getattr(s, "attack", self.kind)
+        return f"{what} {s.victim} {s.data} B={s.batch_size} seed={s.seed} [{defenses}]"
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, GradleakError) else f"{type(exc).__name__}: {text}"
+
+
+def execute(job: Job, progress: Progress | None = None) -> StoredRun:
+    """Run a job. A failing run comes back as a `failed` row with its error, never as an exception
+    (KeyboardInterrupt and other non-`Exception`s still propagate)."""
+    started = time.time()
+    record: dict[str, Any] | None = None
+    error: str | None = None
+    try:
+        _, run = get_kind(job.kind).load()
+        record = run(job.spec, progress).to_json()
+    except Exception as exc:  # noqa: BLE001 - a failed run is recorded and the sweep goes on
+        error = one_line(exc)
+        log.warning("run %s failed: %s", job.label(), error)
+    return make_row(job, started, record, error)
+
+
+def make_row(job: Job, started: float, record: dict[str, Any] | None, error: str | None) -> StoredRun:
+    """The store row of a finished job: done with its record, or failed with its error."""
+    return StoredRun(
+        key=job.key,
+        kind=job.kind,
+        spec=json.loads(canonical(job.spec)),
+        status="done" if error is None else "failed",
+        record=record if error is None else None,
+        error=error,
+        started=started,
+        finished=time.time(),
+        version=gradleak_version(),
+    )

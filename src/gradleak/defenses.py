@@ -45,9 +45,14 @@ class DefenseContext:
     """What a defence may use besides the update: the victim and private batch (DP-SGD recomputes
     per-example gradients), and the generator all noise is drawn from."""
 
-    victim: Victim
-    batch: Batch
+    victim: Victim | None
+    batch: Batch | None
     generator: torch.Generator
+
+    def need(self, what: str) -> tuple[Victim, Batch]:
+        if self.victim is None or self.batch is None:
+            raise GradleakError(f"{what} needs the victim model and the private batch")
+        return self.victim, self.batch
 
 
 @dataclass
@@ -207,8 +212,9 @@ class DpSgd:
         if update.kind != "fedsgd":
             raise GradleakError("dp-sgd computes a FedSGD gradient; use --protocol fedsgd")
         names = [k for k in update.tensors]
-        per = per_example_gradients(ctx.victim, ctx.batch, names)
-        b = ctx.batch.size
+        victim, batch = ctx.need("dp-sgd")
+        per = per_example_gradients(victim, batch, names)
+        b = batch.size
         flat_norms = torch.sqrt(sum(per[k].double().pow(2).flatten(1).sum(1) for k in names))  # (B,)
         factors = (self.clip / flat_norms.clamp_min(1e-12)).clamp(max=1.0)
         out = {}
@@ -292,7 +298,8 @@ class Withhold:
         return f"withhold:params={self.params}"
 
     def apply(self, update: Update, ctx: DefenseContext, trace: PrivacyTrace) -> Update:
-        drop = set(resolve_withheld(ctx.victim.model, [self.params]))
+        victim, _ = ctx.need("withhold")
+        drop = set(resolve_withheld(victim.model, [self.params]))
         kept = {k: v for k, v in update.tensors.items() if k not in drop}
         if not kept:
             raise GradleakError(f"withhold:params={self.params} leaves nothing to share")

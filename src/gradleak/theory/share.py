@@ -91,10 +91,15 @@ def share_gradient(
 ) -> SharedGradient:
     """The client's step: gradient of the squared loss, clipped, then Gaussian noise (seeded)."""
     check_noise(sigma, clip, delta)
-    grads = layer.gradients(X, Y, share)
+    grads = {k: v.detach() for k, v in layer.gradients(X, Y, share).items()}
     raw = float(global_norm(grads))
-    grads = clip_tensors(grads, clip)
-    if sigma > 0:
-        gen = torch.Generator().manual_seed(7_919 + seed)
-        grads = {k: v + sigma * torch.randn(v.shape, generator=gen, dtype=DTYPE) for k, v in grads.items()}
-    return SharedGradient({k: v.detach() for k, v in grads.items()}, sigma, clip, delta, raw)
+    # the same defence chain as the transformer victims: clip:norm=C, then gaussian:sigma=S
+    from gradleak.defenses import DefenseChain, DefenseContext
+
+    specs = ([f"clip:norm={clip!r}"] if clip is not None else []) + (
+        [f"gaussian:sigma={sigma!r}"] if sigma > 0 else []
+    )
+    gen = torch.Generator().manual_seed(7_919 + seed)
+    update, _ = DefenseChain.parse(specs).apply(Update(grads, "fedsgd"), DefenseContext(None, None, gen))
+    tensors = {k: v.detach().to(DTYPE) for k, v in update.tensors.items()}
+    return SharedGradient(tensors, sigma, clip, delta, raw)

@@ -147,3 +147,17 @@ def test_cli_refuses_too_many_tokens_with_one_line(tmp_path):
     assert "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "hidden width" in lines[0]
+
+
+def test_encoder_lengths_never_shorter_than_the_template(minilm):
+    from gradleak.attacks.exact import Candidates, _encoder_lengths
+    from gradleak.attacks.matching import special_template
+
+    prefix, suffix = special_template(minilm.tokenizer)
+    sep = suffix[-1]
+    # under noise the closing token may rank among the candidates of position 0
+    tokens = [torch.tensor([prefix[0], sep]), torch.tensor([2023, sep]), torch.tensor([sep])]
+    cands = Candidates(tokens, [torch.zeros(len(t)) for t in tokens])
+    lengths = _encoder_lengths(minilm, cands, Knowledge(batch_size=2))
+    assert min(lengths) >= len(prefix) + len(suffix)
+    assert len(lengths) == 2

@@ -441,12 +441,13 @@ def _encoder_lengths(victim: Victim, cands: Candidates, knowledge: Knowledge) ->
     """Sequence lengths: known, or read off the positions where the closing special token occurs."""
     if knowledge.lengths is not None:
         return sorted(knowledge.lengths, reverse=True)
-    _, suffix = special_template(victim.tokenizer)
+    prefix, suffix = special_template(victim.tokenizer)
     n_pos = len(cands.tokens)
+    shortest = len(prefix) + len(suffix)  # the template alone
     ends = []
     if suffix:
         close = suffix[-1]
-        ends = [p + 1 for p in range(n_pos) if close in set(cands.tokens[p].tolist())]
+        ends = [p + 1 for p in range(shortest - 1, n_pos) if close in set(cands.tokens[p].tolist())]
     if not ends:
         ends = [n_pos]
     lengths = sorted(ends, reverse=True)
@@ -476,8 +477,10 @@ def _assemble_encoder(
     in the span: coordinate descent over positions (Hungarian assignment of that position's tokens
     to the live sequences, all else fixed), from several seeded random starts, until `deadline`
     (a time.perf_counter() value) passes."""
-    lengths = _encoder_lengths(victim, cands, knowledge)
     prefix, suffix = special_template(victim.tokenizer)
+    if len(cands.tokens) < len(prefix) + len(suffix):
+        return []  # not even the template's positions are occupied
+    lengths = _encoder_lengths(victim, cands, knowledge)
     specials = set(prefix) | set(suffix)
     n, width = len(lengths), max(lengths)
     base = [[0] * length for length in lengths]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import platform
 import re
 import statistics
@@ -51,7 +52,8 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 def machine() -> str:
     return (
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), {time.strftime('%Y-%m-%d')}"
+        f"{torch.get_num_threads()} thread(s), {time.strftime('%Y-%m-%d')}, "
+        f"1-minute load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores when written"
     )
 
 

@@ -76,14 +76,19 @@ class RunSpec:
         return DefenseChain.parse(self.defenses)
 
     def options(self) -> AttackOptions:
-        return AttackOptions(
-            iterations=self.iterations,
-            learning_rate=self.attack_lr,
-            optimizer=self.optimizer,
-            seed=self.seed,
-            force=self.force,
-            time_budget=self.time_budget,
-        )
+        return attack_options(self)
+
+
+def attack_options(spec: Any) -> AttackOptions:
+    """The attack's options from any spec with RunSpec's attack fields (RunSpec, the Flower spec)."""
+    return AttackOptions(
+        iterations=spec.iterations,
+        learning_rate=spec.attack_lr,
+        optimizer=spec.optimizer,
+        seed=spec.seed,
+        force=spec.force,
+        time_budget=spec.time_budget,
+    )
 
 
 @dataclass(frozen=True)

@@ -130,14 +130,9 @@ class FlSpec:
         return DefenseChain.parse(self.defenses)
 
     def options(self) -> AttackOptions:
-        return AttackOptions(
-            iterations=self.iterations,
-            learning_rate=self.attack_lr,
-            optimizer=self.optimizer,
-            seed=self.seed,
-            force=self.force,
-            time_budget=self.time_budget,
-        )
+        from gradleak.experiment import attack_options
+
+        return attack_options(self)
 
     @property
     def local_dp_delta(self) -> float:

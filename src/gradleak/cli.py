@@ -64,7 +64,12 @@ def _progress(console: Console) -> Progress:
 @app.command()
 def attack(
     victim: Annotated[
-        str, typer.Option(help="Preset (bert-tiny, gpt2-tiny, gpt2-wide, minilm) or a model directory.")
+        str,
+        typer.Option(
+            help="Preset (bert-tiny, gpt2-tiny, gpt2-wide, minilm, minilm-random), a random model of a "
+            "family sized by keys layers, hidden, heads (gpt2-random:layers=4,hidden=256,heads=4, "
+            "bert-random:...; every key optional), or a model directory."
+        ),
     ] = "bert-tiny",
     data: Annotated[
         str, typer.Option(help="sample, cola, sst2, rt, wikitext, or a TSV/CSV/JSONL/text file.")
@@ -90,6 +95,23 @@ def attack(
     attack_lr: Annotated[float, typer.Option(help="Learning rate of gradient-matching attacks.")] = 0.01,
     optimizer: Annotated[str, typer.Option(help="adam or lbfgs.")] = "adam",
     known_labels: Annotated[bool, typer.Option(help="The server knows the labels.")] = False,
+    known_batch_size: Annotated[
+        bool, typer.Option("--known-batch-size/--unknown-batch-size", help="The server knows the batch size.")
+    ] = True,
+    share: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Share only this group (attention, embeddings, head, last:K) or name pattern; "
+            "repeatable; the rest is withheld. Default: share everything."
+        ),
+    ] = None,
+    finetune_steps: Annotated[
+        int, typer.Option(help="SGD steps (batches of 8, other sentences) before the attacked round.")
+    ] = 0,
+    finetune_lr: Annotated[float, typer.Option(help="Learning rate of those fine-tuning steps.")] = 1e-3,
+    min_tokens: Annotated[
+        int, typer.Option(help="Only sentences of at least this many tokens (specials included).")
+    ] = 0,
     force: Annotated[
         bool, typer.Option(help="Run the exact attack even where its assumptions fail.")
     ] = False,
@@ -141,6 +163,11 @@ def attack(
         defenses=tuple(defense or ()),
         delta=delta,
         accountant=accountant,
+        share=tuple(share or ()),
+        known_batch_size=known_batch_size,
+        finetune_steps=finetune_steps,
+        finetune_lr=finetune_lr,
+        min_tokens=min_tokens,
     )
     spec.validate()
     quiet = json_out == "-"

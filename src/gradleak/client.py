@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from gradleak.data import Batch
 from gradleak.errors import GradleakError
@@ -21,6 +22,133 @@ WITHHOLD_GROUPS: dict[str, tuple[str, ...]] = {
     "positions": ("*position_embeddings*", "*wpe*"),
     "head": ("classifier*", "score*", "lm_head*", "*pooler*"),
 }
+
+# ---------------------------------------------------------------- what is shared
+# A client that shares only part of the model: groups select parameter names, structurally where the
+# architecture allows it; any other item is an fnmatch pattern. `last:K` takes a block count.
+
+_EMBEDDING_PATTERNS = (
+    *WITHHOLD_GROUPS["embeddings"],
+    *WITHHOLD_GROUPS["positions"],
+    "*token_type_embeddings*",
+    "*embeddings.LayerNorm*",
+)
+
+
+def _param_names(model: nn.Module, modules: Iterable[nn.Module]) -> list[str]:
+    wanted = {id(p) for m in modules for p in m.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in wanted]
+
+
+def _is_linear_map(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's Conv1D
+
+
+def _attention(model: nn.Module, count: int | None) -> list[str]:
+    """The linear maps inside attention modules (BERT's query/key/value/output.dense, GPT-2's
+    attn.c_attn/c_proj): modules whose class name ends in `Attention`, found from the module tree."""
+    attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    maps = [s for m in attention for s in m.modules() if _is_linear_map(s)]
+    return _param_names(model, maps)
+
+
+def _embeddings(model: nn.Module, count: int | None) -> list[str]:
+    """Word, position and token-type embeddings and the embedding LayerNorm."""
+    word = model.get_input_embeddings().weight
+    return [
+        n
+        for n, p in model.named_parameters()
+        if p is word or any(fnmatch.fnmatch(n, pat) for pat in _EMBEDDING_PATTERNS)
+    ]
+
+
+def _head(model: nn.Module, count: int | None) -> list[str]:
+    patterns = WITHHOLD_GROUPS["head"]
+    return [n for n, _ in model.named_parameters() if any(fnmatch.fnmatch(n, p) for p in patterns)]
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, int]:
+    """(name, length) of the model's list of layers: its longest `nn.ModuleList`
+    (`bert.encoder.layer`, `transformer.h`)."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise GradleakError("the model has no list of layers: last:K cannot apply")
+    name, blocks = max(lists, key=lambda item: len(item[1]))
+    return name, len(blocks)
+
+
+def _last(model: nn.Module, count: int | None) -> list[str]:
+    """The parameters of the last `count` transformer blocks."""
+    assert count is not None
+    name, depth = transformer_blocks(model)
+    if count > depth:
+        raise GradleakError(f"share last:{count}: the model has only {depth} blocks")
+    prefixes = tuple(f"{name}.{i}." for i in range(depth - count, depth))
+    return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
+
+
+@dataclass(frozen=True)
+class ShareGroup:
+    select: Callable[[nn.Module, int | None], list[str]]  # (model, K of `NAME:K`) -> parameter names
+    counted: bool = False  # written NAME:K
+
+
+SHARE_GROUPS: dict[str, ShareGroup] = {
+    "attention": ShareGroup(_attention),
+    "embeddings": ShareGroup(_embeddings),
+    "head": ShareGroup(_head),
+    "last": ShareGroup(_last, counted=True),
+}
+
+
+def parse_share(item: str) -> tuple[ShareGroup | None, int | None]:
+    """(group, K) of a share item, (None, None) for an fnmatch pattern; a malformed `last:K` is a
+    one-line error."""
+    name, colon, arg = item.partition(":")
+    group = SHARE_GROUPS.get(name)
+    if group is None:
+        return None, None
+    if group.counted != bool(colon):
+        form = f"{name}:K" if group.counted else name
+        raise GradleakError(f"share {item!r}: write {form}")
+    if not group.counted:
+        return group, None
+    if not arg.isdigit() or int(arg) < 1:
+        raise GradleakError(f"share {item!r}: K must be a positive integer")
+    return group, int(arg)
+
+
+def resolve_shared(model: nn.Module, share: Sequence[str]) -> tuple[str, ...]:
+    """Parameter names selected by share groups (attention, embeddings, head, last:K) or patterns."""
+    names = [n for n, _ in model.named_parameters()]
+    chosen: set[str] = set()
+    for item in share:
+        group, count = parse_share(item)
+        if group is not None:
+            hits = group.select(model, count)
+        else:
+            hits = [n for n in names if fnmatch.fnmatch(n, item)]
+        if not hits:
+            raise GradleakError(f"share {item!r} matches no parameter; groups: {', '.join(SHARE_GROUPS)}")
+        chosen.update(hits)
+    return tuple(n for n in names if n in chosen)
+
+
+def withheld_names(
+    model: nn.Module, *, share: Sequence[str] = (), withhold: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """What the client keeps back: with `share`, every parameter it does not select (in model order);
+    then whatever `withhold` names. Sharing nothing at all is a one-line error."""
+    withheld = list(resolve_withheld(model, withhold))
+    if not share:
+        return tuple(withheld)
+    shared = set(resolve_shared(model, share))
+    names = [n for n, _ in model.named_parameters()]
+    out = [n for n in names if n not in shared]
+    out.extend(n for n in withheld if n not in out)
+    if len(out) == len(names):
+        raise GradleakError(f"the client shares nothing: withhold covers all of share {list(share)}")
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -85,9 +213,12 @@ def batch_gradient(victim: Victim, batch: Batch) -> dict[str, torch.Tensor]:
     return out
 
 
-def fedsgd(victim: Victim, batch: Batch, withhold: Sequence[str] = ()) -> Update:
-    """FedSGD: the gradient of the mean loss over the batch, minus withheld parameter groups."""
-    withheld = resolve_withheld(victim.model, withhold)
+def fedsgd(
+    victim: Victim, batch: Batch, withhold: Sequence[str] = (), *, share: Sequence[str] = ()
+) -> Update:
+    """FedSGD: the gradient of the mean loss over the batch: only `share` (everything when empty),
+    minus withheld parameter groups."""
+    withheld = withheld_names(victim.model, share=share, withhold=withhold)
     grads = batch_gradient(victim, batch)
     tensors = {k: v for k, v in grads.items() if k not in withheld}
     return Update(tensors, "fedsgd", 1.0, 1, withheld)
@@ -100,13 +231,15 @@ def fedavg(
     local_steps: int,
     learning_rate: float,
     withhold: Sequence[str] = (),
+    share: Sequence[str] = (),
 ) -> Update:
-    """FedAvg: the weight delta after `local_steps` full-batch SGD steps (the model is restored)."""
+    """FedAvg: the weight delta after `local_steps` full-batch SGD steps (the model is restored); only
+    `share` (everything when empty), minus withheld parameter groups."""
     if local_steps < 1:
         raise GradleakError(f"local steps must be at least 1, got {local_steps}")
     if learning_rate <= 0:
         raise GradleakError(f"learning rate must be positive, got {learning_rate}")
-    withheld = resolve_withheld(victim.model, withhold)
+    withheld = withheld_names(victim.model, share=share, withhold=withhold)
     params = dict(victim.model.named_parameters())
     start = {k: p.detach().clone() for k, p in params.items()}
     try:

@@ -260,6 +260,34 @@ def sample_examples(examples: Sequence[Example], batch_size: int, seed: int) -> 
     return random.Random(seed).sample(list(examples), batch_size)
 
 
+def sample_with_tokens(
+    examples: Sequence[Example], batch_size: int, seed: int, tokenizer, min_tokens: int
+) -> list[Example]:
+    """A seeded draw of `batch_size` distinct examples of at least `min_tokens` tokens each under
+    `tokenizer` (specials included, as the batch holds them). With `min_tokens` 0 this is
+    `sample_examples`; otherwise the examples are visited in a seeded shuffle and tokenised lazily
+    (each cut at `min_tokens`) until the batch is full."""
+    if min_tokens <= 0:
+        return sample_examples(examples, batch_size, seed)
+    if batch_size < 1:
+        raise GradleakError(f"batch size must be at least 1, got {batch_size}")
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    chosen: list[Example] = []
+    for example in order:
+        ids = tokenizer(example.text, truncation=True, max_length=min_tokens)["input_ids"]
+        if len(ids) >= min_tokens:
+            chosen.append(example)
+            if len(chosen) == batch_size:
+                return chosen
+    if not chosen:
+        raise GradleakError(f"no sentence has at least {min_tokens} tokens under the victim's tokenizer")
+    raise GradleakError(
+        f"only {len(chosen)} sentences have at least {min_tokens} tokens under the victim's tokenizer; "
+        f"batch size is {batch_size}"
+    )
+
+
 def make_batch(
     examples: Sequence[Example],
     tokenizer,

@@ -13,13 +13,14 @@ import torch
 
 from gradleak.attacks import AttackOptions, Knowledge, Reconstruction, get_attack
 from gradleak.attacks.base import Progress
-from gradleak.client import Update, fedavg, fedsgd
-from gradleak.data import filter_by_words, load_examples, make_batch, sample_examples
+from gradleak.client import Update, fedavg, fedsgd, parse_share
+from gradleak.data import filter_by_words, load_examples, make_batch, sample_with_tokens
 from gradleak.defenses import DefenseChain, DefenseContext, DpSgd
 from gradleak.errors import GradleakError
+from gradleak.finetune import finetune
 from gradleak.metrics import Scores, score
 from gradleak.privacy import PrivacyReport, check_delta, get_accountant
-from gradleak.victims import load_victim
+from gradleak.victims import check_victim_name, load_victim
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,12 @@ class RunSpec:
     defenses: tuple[str, ...] = ()
     delta: float = 1e-5
     accountant: str = "rdp"
+    # conditions of the attacked round
+    share: tuple[str, ...] = ()  # only these groups/patterns are shared (empty: everything)
+    known_batch_size: bool = True
+    finetune_steps: int = 0  # SGD steps on other examples of the data set before the attacked round
+    finetune_lr: float = 1e-3
+    min_tokens: int = 0  # only examples of at least this many tokens under the victim's tokenizer
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -65,6 +72,15 @@ class RunSpec:
             raise GradleakError(f"unknown protocol {self.protocol!r}; choose {' or '.join(PROTOCOLS)}")
         if self.max_words is not None and self.max_words < self.min_words:
             raise GradleakError("max words is smaller than min words")
+        if self.min_tokens < 0:
+            raise GradleakError(f"min tokens must be at least 0, got {self.min_tokens}")
+        if self.finetune_steps < 0:
+            raise GradleakError(f"fine-tuning steps must be at least 0, got {self.finetune_steps}")
+        if self.finetune_lr <= 0:
+            raise GradleakError(f"fine-tuning learning rate must be positive, got {self.finetune_lr}")
+        check_victim_name(self.victim)
+        for item in self.share:
+            parse_share(item)
         get_attack(self.attack)
         chain = self.defense_chain()
         if self.protocol != "fedsgd" and any(isinstance(d, DpSgd) for d in chain):
@@ -153,9 +169,14 @@ def score_reconstruction(victim, batch, rec: Reconstruction) -> Scores:
 def make_update(spec: RunSpec, victim, batch) -> Update:
     if spec.protocol == "fedavg":
         return fedavg(
-            victim, batch, local_steps=spec.local_steps, learning_rate=spec.local_lr, withhold=spec.withhold
+            victim,
+            batch,
+            local_steps=spec.local_steps,
+            learning_rate=spec.local_lr,
+            withhold=spec.withhold,
+            share=spec.share,
         )
-    return fedsgd(victim, batch, withhold=spec.withhold)
+    return fedsgd(victim, batch, withhold=spec.withhold, share=spec.share)
 
 
 def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
@@ -165,18 +186,36 @@ def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
     options = spec.options()
     torch.manual_seed(spec.seed)
     victim = load_victim(spec.victim, task=spec.task, dtype=spec.dtype, seed=spec.seed, device=spec.device)
-    examples = filter_by_words(load_examples(spec.data), spec.min_words, spec.max_words)
+    everything = load_examples(spec.data)
+    examples = filter_by_words(everything, spec.min_words, spec.max_words)
     if not examples:
         raise GradleakError(f"no sentences in {spec.data!r} have {spec.min_words}-{spec.max_words} words")
-    chosen = sample_examples(examples, spec.batch_size, spec.seed)
+    try:
+        chosen = sample_with_tokens(examples, spec.batch_size, spec.seed, victim.tokenizer, spec.min_tokens)
+    except GradleakError as exc:
+        raise GradleakError(f"{spec.data!r}: {exc}") from None
     batch = make_batch(chosen, victim.tokenizer, spec.max_length, with_labels=victim.task == "classify")
+    run_notes: list[str] = []
+    env = environment(spec.device)
+    if spec.finetune_steps > 0:  # the client's other data: the whole data set without the private batch
+        tuned = finetune(
+            victim,
+            everything,
+            exclude=chosen,
+            steps=spec.finetune_steps,
+            learning_rate=spec.finetune_lr,
+            seed=spec.seed,
+            max_length=spec.max_length,
+        )
+        run_notes.append(tuned.note())
+        env.update(tuned.as_environment())
     update = make_update(spec, victim, batch)
     chain = spec.defense_chain()
     gen = torch.Generator(device=victim.device).manual_seed(spec.seed)
     update, trace = chain.apply(update, DefenseContext(victim, batch, gen))
     privacy = trace.report(spec.delta, spec.accountant)  # one release of one batch
     knowledge = Knowledge(
-        batch_size=batch.size,
+        batch_size=batch.size if spec.known_batch_size else None,
         lengths=batch.lengths if spec.known_lengths else None,
         labels=tuple(int(x) for x in batch.labels)
         if spec.known_labels and batch.labels is not None
@@ -196,7 +235,7 @@ def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
         seconds=seconds,
         labels=None if batch.labels is None else tuple(int(x) for x in batch.labels),
         inferred_labels=rec.labels,
-        notes=rec.notes,
-        environment=environment(spec.device),
+        notes=(*run_notes, *rec.notes),
+        environment=env,
         privacy=privacy,
     )

@@ -154,8 +154,10 @@ def minilm_path() -> Path:
 
 # ---------------------------------------------------------------- builders
 
+Builder = Callable[[str, int], tuple[nn.Module, object]]  # (task, num_labels) -> (model, tokenizer)
 
-def _bert_random(hidden: int, layers: int, heads: int) -> Callable[[str, int], tuple[nn.Module, object]]:
+
+def _bert_random(hidden: int, layers: int, heads: int) -> Builder:
     def build(task: str, num_labels: int) -> tuple[nn.Module, object]:
         from transformers import BertConfig, BertForSequenceClassification
 
@@ -177,7 +179,7 @@ def _bert_random(hidden: int, layers: int, heads: int) -> Callable[[str, int], t
     return build
 
 
-def _gpt2_random(n_embd: int, layers: int, heads: int) -> Callable[[str, int], tuple[nn.Module, object]]:
+def _gpt2_random(n_embd: int, layers: int, heads: int) -> Builder:
     def build(task: str, num_labels: int) -> tuple[nn.Module, object]:
         from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
@@ -198,7 +200,7 @@ def _gpt2_random(n_embd: int, layers: int, heads: int) -> Callable[[str, int], t
     return build
 
 
-def _from_directory(path: Path) -> Callable[[str, int], tuple[nn.Module, object]]:
+def _from_directory(path: Path) -> Builder:
     def build(task: str, num_labels: int) -> tuple[nn.Module, object]:
         from transformers import (
             AutoModelForCausalLM,
@@ -232,18 +234,104 @@ def _minilm(task: str, num_labels: int) -> tuple[nn.Module, object]:
     return _from_directory(minilm_path())(task, num_labels)
 
 
-PRESETS: dict[str, Callable[[str, int], tuple[nn.Module, object]]] = {
+def _minilm_random(task: str, num_labels: int) -> tuple[nn.Module, object]:
+    """all-MiniLM-L6-v2's architecture and tokenizer with fresh weights (seeded by the caller)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if task != "classify":
+        raise GradleakError("minilm-random is an encoder: only --task classify applies")
+    config = AutoConfig.from_pretrained(str(minilm_path()), num_labels=num_labels)
+    config._attn_implementation = "eager"
+    return AutoModelForSequenceClassification.from_config(config), bert_tokenizer()
+
+
+PRESETS: dict[str, Builder] = {
     "bert-tiny": _bert_random(hidden=128, layers=2, heads=2),
     "gpt2-tiny": _gpt2_random(n_embd=256, layers=2, heads=4),
     "gpt2-wide": _gpt2_random(n_embd=768, layers=2, heads=12),
     "minilm": _minilm,
+    "minilm-random": _minilm_random,
 }
 PRESET_HELP = {
     "bert-tiny": "random BERT classifier, 2 layers, hidden 128, 2 heads, BERT uncased vocabulary",
     "gpt2-tiny": "random GPT-2, 2 layers, n_embd 256, real GPT-2 BPE tokenizer",
     "gpt2-wide": "random GPT-2 of GPT-2-small width: 2 layers, n_embd 768, 12 heads",
     "minilm": "pretrained all-MiniLM-L6-v2 (6 layers, hidden 384) with a fresh 2-class head",
+    "minilm-random": "all-MiniLM-L6-v2's architecture and tokenizer, randomly initialised (seeded)",
 }
+
+
+# ---------------------------------------------------------------- parametric families
+
+
+@dataclass(frozen=True)
+class Family:
+    """Random models of one architecture, sized by keyword ints: `NAME:layers=4,hidden=256,heads=4`."""
+
+    build: Callable[..., Builder]  # (layers=, hidden=, heads=) -> builder
+    help: str
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2-random": Family(
+        lambda layers, hidden, heads: _gpt2_random(n_embd=hidden, layers=layers, heads=heads),
+        "random GPT-2, real GPT-2 BPE tokenizer",
+    ),
+    "bert-random": Family(
+        lambda layers, hidden, heads: _bert_random(hidden=hidden, layers=layers, heads=heads),
+        "random BERT classifier, BERT uncased vocabulary",
+    ),
+}
+FAMILY_KEYS = ("layers", "hidden", "heads")
+FAMILY_DEFAULTS = {"layers": 2, "hidden": 256}  # heads: hidden // 64, at least 1
+FAMILY_SYNTAX = f"NAME[:key=int,...] with NAME one of {', '.join(FAMILIES)} and keys {', '.join(FAMILY_KEYS)}"
+
+
+def family_size(name: str) -> tuple[str, dict[str, int]] | None:
+    """(family, {layers, hidden, heads}) of a parametric victim name, None for any other name;
+    a malformed size is a one-line error."""
+    family, colon, args = name.partition(":")
+    if family not in FAMILIES:
+        return None
+    size: dict[str, int] = {}
+    for item in args.split(",") if colon else ():
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if key not in FAMILY_KEYS or not eq:
+            raise GradleakError(f"victim {name!r}: unknown size {item!r}; keys: {', '.join(FAMILY_KEYS)}")
+        if key in size:
+            raise GradleakError(f"victim {name!r}: {key} is given twice")
+        if not value.isdigit() or int(value) < 1:
+            raise GradleakError(f"victim {name!r}: {key} must be a positive integer, got {value!r}")
+        size[key] = int(value)
+    hint = "" if "heads" in size else " (heads default to hidden // 64)"
+    size = {**FAMILY_DEFAULTS, **size}
+    size.setdefault("heads", max(1, size["hidden"] // 64))
+    if size["hidden"] % size["heads"]:
+        raise GradleakError(
+            f"victim {name!r}: hidden {size['hidden']} is not divisible by heads {size['heads']}{hint}"
+        )
+    return family, size
+
+
+def check_victim_name(name: str) -> None:
+    """Check a parametric victim name's syntax without building anything (presets and directories
+    are checked when loaded)."""
+    family_size(name)
+
+
+def _builder(name: str) -> Builder:
+    if name in PRESETS:
+        return PRESETS[name]
+    parametric = family_size(name)
+    if parametric is not None:
+        family, size = parametric
+        return FAMILIES[family].build(**size)
+    if Path(name).is_dir():
+        return _from_directory(Path(name))
+    raise GradleakError(
+        f"unknown victim {name!r}: not a model directory, nor one of {', '.join(PRESETS)}, "
+        f"nor {FAMILY_SYNTAX}"
+    )
 
 
 def load_victim(
@@ -255,21 +343,15 @@ def load_victim(
     device: str = "cpu",
     num_labels: int = NUM_LABELS,
 ) -> Victim:
-    """A preset by name, or any local Hugging Face model directory; seeded and deterministic."""
+    """A preset by name, a parametric random model (`gpt2-random:layers=4,hidden=256,heads=4`), or any
+    local Hugging Face model directory; seeded and deterministic."""
     if task not in TASKS:
         raise GradleakError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if dtype not in DTYPES:
         raise GradleakError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise GradleakError(f"device {device!r} requested but CUDA is not available")
-    if name in PRESETS:
-        builder = PRESETS[name]
-    elif Path(name).is_dir():
-        builder = _from_directory(Path(name))
-    else:
-        raise GradleakError(
-            f"unknown victim {name!r}: not a model directory, nor one of {', '.join(PRESETS)}"
-        )
+    builder = _builder(name)
     _quiet_transformers()
     torch.manual_seed(seed)
     model, tok = builder(task, num_labels)

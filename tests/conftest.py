@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
+import torch
 
 from gradleak.data import Batch, filter_by_words, load_examples, make_batch, sample_examples
 from gradleak.victims import Victim, load_victim
+
+# One thread per test process (and per CLI subprocess, through the environment): the models here are
+# small, and on a shared 2-core machine two OpenMP threads per process wait on each other (measured:
+# the MiniLM batch-of-four test took 158 s with two threads under load, 48 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,16 @@ NeurIPS 2024), for decoders and encoders, with labels, lengths and batch content
 3. Span checks: the first layer's attention projections (query/key/value) have weight gradients
    whose rows span the layer inputs that occurred; a candidate (token, position) passes when its
    layer input lies in that span.
-4. Assembly: decoders grow prefixes position by position; the causal mask makes the second
+4. Encoders whose embedding LayerNorm starts the residual stream (BERT, MiniLM): the embedding
+   gradients place most (token, position) occurrences exactly (see `occurrences`), which the first
+   layer's span cannot do once a batch holds more pairs than tokens plus positions.
+5. Assembly: decoders grow prefixes position by position; the causal mask makes the second
    layer's input at a position a function of the prefix alone, so the second layer's span
    separates true prefixes from false ones. Encoders assign the per-position candidates to
-   sequences by a search (greedy prefixes, then coordinate descent with Hungarian assignment at
-   each position) on the second layer's span residual of whole sequences.
-5. Labels: with the sequences known, the head's weight gradient is a linear function of the
+   sequences by a search (coordinate descent with Hungarian assignment at each position, head
+   swaps between sequences, token exchanges within one) on the second layer's span residual of
+   whole sequences.
+6. Labels: with the sequences known, the head's weight gradient is a linear function of the
    per-example (p_i - y_i), which least squares recovers exactly.
 
 Perturbed updates (the server knows the protocol adds noise, prunes or quantises; or --force where
@@ -34,6 +38,7 @@ from scipy.optimize import linear_sum_assignment
 from gradleak.attacks.base import AttackOptions, Knowledge, Progress, Reconstruction, register
 from gradleak.attacks.labels import head_parameters, infer_labels
 from gradleak.attacks.matching import decode, special_template
+from gradleak.attacks.occurrences import Occurrences, resolve
 from gradleak.attacks.spans import Span, noisy_span_of, residual, span_of
 from gradleak.attacks.structure import (
     Projection,
@@ -57,6 +62,7 @@ MARGIN = 30.0  # present candidates lie within this factor of the run's typical 
 CHUNK = 4096
 MAX_PREFIXES = 2048
 RESTARTS = 3
+SETTLED = 1e-3  # a sequence whose span residual at a position is below SETTLED * threshold is settled there
 SOLVED = 1e-3  # a restart whose total residual is below SOLVED * threshold * B needs no other
 NULL_SAMPLES = 64  # random tokens per position whose residuals show what "absent" looks like
 NULL_RATIO = 0.5  # perturbed updates: a candidate's residual must be below this x the null median
@@ -70,6 +76,7 @@ class Candidates:
 
     tokens: list[torch.Tensor]
     scores: list[torch.Tensor]
+    occurrences: Occurrences | None = None  # what the embedding gradients place (encoders)
 
 
 def _threshold(update: Update) -> float:
@@ -204,6 +211,7 @@ class ExactAttack:
         check = ContextCheck(second[0], (noisy_span_of if noisy else span_of)(gradient_rows(grads, second)))
         threshold = _threshold(update) if not noisy else 1.0
         pool = token_set(victim, grads, noisy or knowledge.perturbed)
+        vocab_pool = pool is None
         if pool is None:
             vocab = victim.model.get_input_embeddings().weight.shape[0]
             pool = torch.arange(vocab)
@@ -228,8 +236,16 @@ class ExactAttack:
             candidates.scores.append(scores)
             if progress is not None:
                 progress(p + 1, limit, float(scores[0]) if len(scores) else float("nan"))
+        causal = is_causal(victim)
         if not noisy:
             candidates = _tighten(candidates, threshold)
+            occ = None if causal or vocab_pool else resolve(victim, grads, pool, len(candidates.tokens))
+            if occ is not None:
+                candidates = _restrict(candidates, occ)
+                notes.append(
+                    f"embedding gradients place {sum(len(s) for s in occ.pinned)} token occurrences; "
+                    f"{sum(occ.complete)} of {len(occ.complete)} positions complete"
+                )
         log.info(
             "rank %d/%d, %d positions, candidates per position %s",
             span1.rank,
@@ -237,7 +253,7 @@ class ExactAttack:
             len(candidates.tokens),
             [len(t) for t in candidates.tokens],
         )
-        assemble = _assemble_decoder if is_causal(victim) else _assemble_encoder
+        assemble = _assemble_decoder if causal else _assemble_encoder
         null_gen = (gen, vocab_size) if noisy else None
         sequences = assemble(
             victim, candidates, check, threshold, knowledge, start + options.time_budget, null_gen
@@ -271,6 +287,22 @@ def _tighten(cands: Candidates, threshold: float) -> Candidates:
         tokens.append(t[keep])
         scores.append(s[keep])
     return Candidates(tokens, scores)
+
+
+def _restrict(cands: Candidates, occ: Occurrences) -> Candidates:
+    """Keep the candidates the embedding gradients allow at each position, and add the tokens they
+    place there that the span check missed (in front: they are certain)."""
+    tokens, scores = [], []
+    for p, (t, s) in enumerate(zip(cands.tokens, cands.scores, strict=True)):
+        keep = torch.tensor([occ.allowed(p, int(x)) for x in t], dtype=torch.bool)
+        kt, ks = t[keep] if len(t) else t, s[keep] if len(s) else s
+        extra = sorted(occ.pinned[p] - set(kt.tolist())) if p < len(occ.pinned) else []
+        if extra:
+            kt = torch.cat([torch.tensor(extra, dtype=kt.dtype), kt])
+            ks = torch.cat([torch.zeros(len(extra), dtype=ks.dtype), ks])
+        tokens.append(kt)
+        scores.append(ks)
+    return Candidates(tokens, scores, occ)
 
 
 # ------------------------------------------------------------------ context residuals
@@ -444,17 +476,28 @@ def _encoder_lengths(victim: Victim, cands: Candidates, knowledge: Knowledge) ->
     prefix, suffix = special_template(victim.tokenizer)
     n_pos = len(cands.tokens)
     shortest = len(prefix) + len(suffix)  # the template alone
-    ends = []
+    occ = cands.occurrences
+    ends: list[int] = []
+    lengths: list[int] = []
+    need = [len(t) for t in cands.tokens]  # live sequences each position needs at least
     if suffix:
         close = suffix[-1]
         ends = [p + 1 for p in range(shortest - 1, n_pos) if close in set(cands.tokens[p].tolist())]
+        lengths = list(ends)
+        if occ is not None:  # ends the embedding gradients place are certain; others only possible
+            lengths = [p + 1 for p in range(shortest - 1, n_pos) if close in occ.pinned[p]]
+            lengths += [] if n_pos in lengths else [n_pos]  # the longest sequence ends at the last
+            # an incomplete position holds at least two tokens not yet placed besides its placed ones
+            need = [len(occ.pinned[p]) + (0 if occ.complete[p] else 2) for p in range(n_pos)]
     if not ends:
         ends = [n_pos]
-    lengths = sorted(ends, reverse=True)
+    if not lengths:
+        lengths = [max(ends)]
+    lengths = sorted(lengths, reverse=True)
     # every position needs at least as many live sequences as it has distinct tokens; walking from
     # the end, cover a shortfall with the shortest length that reaches the position
     for p in reversed(range(n_pos)):
-        while sum(1 for n in lengths if n > p) < len(cands.tokens[p]):
+        while sum(1 for n in lengths if n > p) < need[p]:
             if knowledge.batch_size is not None and len(lengths) >= knowledge.batch_size:
                 break
             lengths.append(min(e for e in [*ends, n_pos] if e > p))
@@ -495,6 +538,7 @@ def _assemble_encoder(
         toks = [int(t) for t in cands.tokens[p]] if p < len(cands.tokens) else []
         options.append([t for t in toks if t not in specials] or toks)
     free = [[i for i in range(n) if p < lengths[i] and not fixed[i][p]] for p in range(width)]
+    allowed = [set(o) for o in options]
 
     def cost(seqs: list[list[int]]) -> torch.Tensor:
         res = context_residuals(victim, check, seqs)
@@ -504,12 +548,15 @@ def _assemble_encoder(
         """Hungarian re-assignment of each position's tokens, all else fixed; with `cover` every
         candidate token is used by some live sequence, without it a false candidate may go unused."""
         changed = False
+        now = context_residuals(victim, check, seqs)
         for p in range(width):
             if time.perf_counter() > deadline:
                 break
             rows, toks = free[p], options[p]
-            if len(rows) < 2 or len(toks) < 1:
+            if not rows or not toks or (len(toks) == 1 and all(seqs[i][p] == toks[0] for i in rows)):
                 continue
+            if not changed and all(float(now[i, p]) < SETTLED * threshold for i in rows):
+                continue  # every live sequence is already in span here
             trial = []
             for i in rows:
                 for t in toks:
@@ -551,6 +598,39 @@ def _assemble_encoder(
         seqs[a], seqs[b] = trial[2 * k], trial[2 * k + 1]
         return True
 
+    def swap(seqs: list[list[int]], current: torch.Tensor) -> bool:
+        """In each sequence not yet in span, the best exchange of two of its tokens, if it helps: a
+        word order that single-position moves cannot reach without passing a worse state."""
+        changed = False
+        for i in range(n):
+            if time.perf_counter() > deadline:
+                break
+            if float(current[i]) < SOLVED * threshold:
+                continue
+            seq = seqs[i]
+            now = context_residuals(victim, check, [seq])[0]
+            loose = [float(now[p]) >= SETTLED * threshold for p in range(lengths[i])]
+            pairs = [
+                (p, q)
+                for p in range(lengths[i])
+                for q in range(p + 1, lengths[i])
+                if not fixed[i][p] and not fixed[i][q] and seq[p] != seq[q] and (loose[p] or loose[q])
+                and seq[q] in allowed[p] and seq[p] in allowed[q]
+            ]  # fmt: skip
+            if not pairs:
+                continue
+            trial = []
+            for p, q in pairs:
+                t = list(seq)
+                t[p], t[q] = t[q], t[p]
+                trial.append(t)
+            c = cost(trial)
+            k = int(torch.argmin(c))
+            if float(c[k]) < float(current[i]) - 1e-12:
+                seqs[i] = trial[k]
+                changed = True
+        return changed
+
     def descend(seqs: list[list[int]], cover: bool = True) -> tuple[list[list[int]], float]:
         for _round in range(2 * n):
             if time.perf_counter() > deadline:
@@ -558,7 +638,9 @@ def _assemble_encoder(
             for _sweep in range(8):
                 if not sweep(seqs, cover):
                     break
-            if not crossover(seqs, cost(seqs)):
+            moved = crossover(seqs, cost(seqs))
+            moved = swap(seqs, cost(seqs)) or moved
+            if not moved:
                 break
         return seqs, float(cost(seqs).sum())
 

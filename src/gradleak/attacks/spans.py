@@ -57,8 +57,15 @@ def span_of(rows: torch.Tensor, max_rank: int | None = None) -> Span:
 def residual(span: Span, x: torch.Tensor) -> torch.Tensor:
     """Relative distance ||x - P x|| / ||x|| of each row of x (..., d) to the span."""
     x = x.to(torch.float64)
-    proj = (x @ span.basis) @ span.basis.T
-    return (x - proj).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-300)
+    total = x.pow(2).sum(dim=-1)
+    inside = (x @ span.basis).pow(2).sum(dim=-1)  # orthonormal basis: ||P x||^2 = ||B^T x||^2
+    out = (total - inside).clamp_min(0.0).sqrt() / total.sqrt().clamp_min(1e-300)
+    # the difference of squares loses precision for rows almost inside the span: compute those directly
+    close = out < 1e-6
+    if bool(close.any()):
+        xc = x[close]
+        out[close] = (xc - (xc @ span.basis) @ span.basis.T).norm(dim=-1) / xc.norm(dim=-1).clamp_min(1e-300)
+    return out
 
 
 def gavish_donoho_omega(beta: float) -> float:

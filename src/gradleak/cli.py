@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gradleak.cli_conditions import conditions as conditions_command
 from gradleak.cli_runs import COMMANDS as RUN_COMMANDS
 from gradleak.errors import GradleakError
 from gradleak.flower.cli import fl as fl_command
@@ -415,6 +416,7 @@ for _command in RUN_COMMANDS:  # sweep, report, audit (gradleak.cli_runs)
     app.command()(_command)
 
 app.command("fl")(fl_command)  # Flower simulation with the server-side audit (gradleak.flower.cli)
+app.command("conditions")(conditions_command)  # the conditions studies (gradleak.cli_conditions)
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ from gradleak.attacks.structure import (
     context_projections,
     gradient_rows,
     is_causal,
+    layer_blocks,
     position_embedding,
     word_embedding_name,
 )
@@ -258,6 +259,23 @@ class ExactAttack:
         sequences = assemble(
             victim, candidates, check, threshold, knowledge, start + options.time_budget, null_gen
         )
+        empty = sum(1 for t in candidates.tokens if len(t) == 0)
+        if empty:
+            notes.append(
+                f"{empty} of {len(candidates.tokens)} occupied positions have no candidate in the first "
+                f"layer's span (rank {span1.rank}): some tokens' gradients fall below its cut"
+            )
+        if not sequences:
+            why = (
+                "; with one block only the positions that reach the loss (a classifier's pooled one) "
+                "leave a trace there"
+                if len(layer_blocks(victim.model)) == 1
+                else ""
+            )
+            notes.append(
+                f"no sequence passes the context check (its span has rank {check.span.rank} for "
+                f"{len(candidates.tokens)} positions){why}"
+            )
         if knowledge.batch_size is not None and len(sequences) > knowledge.batch_size:
             sequences = sequences[: knowledge.batch_size]
         labels = None

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from gradleak.errors import GradleakError
@@ -70,7 +70,18 @@ class Job:
         s = self.spec
         defenses = ",".join(getattr(s, "defenses", ())) or "no defence"
         what = getattr(s, "attack", self.kind)
-        return f"{what} {s.victim} {s.data} B={s.batch_size} seed={s.seed} [{defenses}]"
+        shown = {"attack", "victim", "data", "batch_size", "seed", "defenses"}
+        extra = [
+            f"{f.name}={_short(getattr(s, f.name))}"
+            for f in fields(s)
+            if f.name not in shown and f.default is not MISSING and getattr(s, f.name) != f.default
+        ]  # what else sets this run apart from the defaults (share, local steps, dtype, ...)
+        more = f" {' '.join(extra)}" if extra else ""
+        return f"{what} {s.victim} {s.data} B={s.batch_size} seed={s.seed} [{defenses}]{more}"
+
+
+def _short(value: Any) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 
 
 def one_line(exc: BaseException) -> str:

@@ -85,6 +85,18 @@ def test_refuses_when_tokens_reach_the_hidden_width(batch_from, bert_tiny):
         EXACT.reconstruct(bert_tiny, update, Knowledge(batch_size=8), AttackOptions())
 
 
+def test_refuses_when_the_context_check_fills_the_width(batch_from, minilm):
+    """Sixteen RT reviews (about 450 tokens) on MiniLM (width 384): the first layer still shows a rank
+    (repeated tokens and positions share rows) but the context check is full, so any arrangement of
+    the candidates would pass it; the attack says so instead of returning one at random."""
+    batch = batch_from(minilm, "rt", 16, 0, max_length=64)
+    assert sum(batch.lengths) > 384
+    update = fedsgd(minilm, batch)
+    with pytest.raises(GradleakError, match="context check") as err:
+        EXACT.reconstruct(minilm, update, Knowledge(batch_size=16), AttackOptions())
+    assert "\n" not in str(err.value)
+
+
 def test_needs_first_layer_gradients(batch_from, gpt2_tiny):
     batch = batch_from(gpt2_tiny, "cola", 1, 0)
     update = fedsgd(gpt2_tiny, batch, withhold=["transformer.h.0.attn.*"])

@@ -62,7 +62,7 @@ ACCEPT_FLOAT32 = 2e-2  # the same for updates computed in float32
 MARGIN = 30.0  # present candidates lie within this factor of the run's typical best residual
 CHUNK = 4096
 MAX_PREFIXES = 2048
-RESTARTS = 3
+RESTARTS = 12  # seeded starts of the encoder search, while its time budget lasts
 SETTLED = 1e-3  # a sequence whose span residual at a position is below SETTLED * threshold is settled there
 SOLVED = 1e-3  # a restart whose total residual is below SOLVED * threshold * B needs no other
 NULL_SAMPLES = 64  # random tokens per position whose residuals show what "absent" looks like
@@ -210,6 +210,15 @@ class ExactAttack:
                 notes.append("no signal stands out of the noise: nothing recovered")
                 return Reconstruction((), (), None, (), time.perf_counter() - start, tuple(notes))
         check = ContextCheck(second[0], (noisy_span_of if noisy else span_of)(gradient_rows(grads, second)))
+        if check.span.full and not noisy:
+            message = (
+                f"the context check's gradient ({second[0].name}) has no clear rank below the hidden "
+                f"width {hidden} (rank {check.span.rank}, gap {check.span.gap:.3g}): the batch's tokens "
+                "reach the width, so every arrangement of the candidates would pass it"
+            )
+            if not options.force:
+                raise GradleakError(message + " (use --force to try anyway)")
+            notes.append(message)
         threshold = _threshold(update) if not noisy else 1.0
         pool = token_set(victim, grads, noisy or knowledge.perturbed)
         vocab_pool = pool is None

@@ -173,3 +173,15 @@ def test_encoder_lengths_never_shorter_than_the_template(minilm):
     lengths = _encoder_lengths(minilm, cands, Knowledge(batch_size=2))
     assert min(lengths) >= len(prefix) + len(suffix)
     assert len(lengths) == 2
+
+
+def test_a_weaker_gap_cuts_the_span_where_the_strict_one_does_not():
+    """The context check's span may be cut at a weaker singular-value gap (float32 rounding blurs
+    the drop): eight signal directions, the last four small, then a drop of only 8x to the floor."""
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64))[0]
+    s = torch.tensor([1.0, 0.8, 0.5, 0.3] + [2e-4] * 4 + [2.5e-5] * 32, dtype=torch.float64)
+    rows = torch.diag(s) @ basis
+    assert span_of(rows).full  # no drop of 10x to below FLOOR
+    weak = span_of(rows, min_gap=4.0)
+    assert not weak.full and weak.rank == 8

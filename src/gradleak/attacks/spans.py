@@ -28,14 +28,16 @@ class Span:
     rank: int
     dim: int
     gap: float  # s_r / s_{r+1}
+    min_gap: float = MIN_GAP  # the gap this span was cut at (at least)
 
     @property
     def full(self) -> bool:
-        return self.rank >= self.dim or self.gap < MIN_GAP
+        return self.rank >= self.dim or self.gap < self.min_gap
 
 
-def span_of(rows: torch.Tensor, max_rank: int | None = None) -> Span:
-    """The row span of `rows` (k, d), cut at the last large singular-value gap (see above)."""
+def span_of(rows: torch.Tensor, max_rank: int | None = None, min_gap: float = MIN_GAP) -> Span:
+    """The row span of `rows` (k, d), cut at the last singular-value gap of at least `min_gap` that
+    falls under FLOOR (see above)."""
     rows = rows.to(torch.float64)
     _, s, vh = torch.linalg.svd(rows, full_matrices=False)
     dim = rows.shape[1]
@@ -46,12 +48,12 @@ def span_of(rows: torch.Tensor, max_rank: int | None = None) -> Span:
     if limit < 2:
         return Span(vh[:1].T.contiguous(), 1, dim, float("inf"))
     ratios = rel[: limit - 1] / rel[1:limit].clamp_min(1e-300)
-    big = torch.nonzero((ratios >= MIN_GAP) & (rel[1:limit] <= FLOOR)).flatten()
+    big = torch.nonzero((ratios >= min_gap) & (rel[1:limit] <= FLOOR)).flatten()
     if len(big) == 0:  # no clean drop to the noise floor: the rows fill the space (or are noisy)
-        return Span(vh.T.contiguous(), dim, dim, float(ratios.max()))
+        return Span(vh.T.contiguous(), dim, dim, float(ratios.max()), min_gap)
     rank = int(big[-1]) + 1  # the last clean drop: signal may fall steeply, noise after it does not
     gap = float(ratios[rank - 1])
-    return Span(vh[:rank].T.contiguous(), rank, dim, gap)
+    return Span(vh[:rank].T.contiguous(), rank, dim, gap, min_gap)
 
 
 def residual(span: Span, x: torch.Tensor) -> torch.Tensor:

@@ -587,7 +587,7 @@ def _assemble_encoder(
             if not rows or not toks or (len(toks) == 1 and all(seqs[i][p] == toks[0] for i in rows)):
                 continue
             if not changed and all(float(now[i, p]) < SETTLED * threshold for i in rows):
-                continue  # every live sequence is already in span here
+                continue  # every live sequence is in span here (residuals valid until a change)
             trial = []
             for i in rows:
                 for t in toks:
@@ -629,18 +629,20 @@ def _assemble_encoder(
         seqs[a], seqs[b] = trial[2 * k], trial[2 * k + 1]
         return True
 
-    def swap(seqs: list[list[int]], current: torch.Tensor) -> bool:
+    def swap(seqs: list[list[int]]) -> bool:
         """In each sequence not yet in span, the best exchange of two of its tokens, if it helps: a
-        word order that single-position moves cannot reach without passing a worse state."""
+        word order that single-position moves cannot reach without passing a worse state. (A
+        sequence's residuals depend on that sequence alone, so one pass scores them all.)"""
         changed = False
+        now = context_residuals(victim, check, seqs)
+        current = torch.where(torch.isinf(now), torch.zeros_like(now), now).sum(dim=1)
         for i in range(n):
             if time.perf_counter() > deadline:
                 break
             if float(current[i]) < SOLVED * threshold:
                 continue
             seq = seqs[i]
-            now = context_residuals(victim, check, [seq])[0]
-            loose = [float(now[p]) >= SETTLED * threshold for p in range(lengths[i])]
+            loose = [float(now[i, p]) >= SETTLED * threshold for p in range(lengths[i])]
             pairs = [
                 (p, q)
                 for p in range(lengths[i])
@@ -670,7 +672,7 @@ def _assemble_encoder(
                 if not sweep(seqs, cover):
                     break
             moved = crossover(seqs, cost(seqs))
-            moved = swap(seqs, cost(seqs)) or moved
+            moved = swap(seqs) or moved
             if not moved:
                 break
         return seqs, float(cost(seqs).sum())

@@ -39,6 +39,7 @@ from gradleak.attacks.base import AttackOptions, Knowledge, Progress, Reconstruc
 from gradleak.attacks.labels import head_parameters, infer_labels
 from gradleak.attacks.matching import decode, special_template
 from gradleak.attacks.occurrences import Occurrences, resolve
+from gradleak.attacks.scorer import AttentionScorer
 from gradleak.attacks.spans import Span, noisy_span_of, residual, span_of
 from gradleak.attacks.structure import (
     Projection,
@@ -48,6 +49,7 @@ from gradleak.attacks.structure import (
     gradient_rows,
     is_causal,
     layer_blocks,
+    mixing_projections,
     position_embedding,
     word_embedding_name,
 )
@@ -174,7 +176,11 @@ class ExactAttack:
             )
         grads = update.gradients()
         first = attention_projections(victim, 0)
+        causal = is_causal(victim)
         second = context_projections(victim, 0)
+        if not causal and all(p.name in grads for p in mixing_projections(victim, 0)):
+            # encoders: the attention's own context is checked (the search can score it fast)
+            second = mixing_projections(victim, 0)
         for p in (*first, *second):
             if p.name not in grads:
                 raise GradleakError(
@@ -250,7 +256,6 @@ class ExactAttack:
             candidates.scores.append(scores)
             if progress is not None:
                 progress(p + 1, limit, float(scores[0]) if len(scores) else float("nan"))
-        causal = is_causal(victim)
         if not noisy:
             candidates = _tighten(candidates, threshold)
             occ = None if causal or vocab_pool else resolve(victim, grads, pool, len(candidates.tokens))
@@ -570,16 +575,25 @@ def _assemble_encoder(
         options.append([t for t in toks if t not in specials] or toks)
     free = [[i for i in range(n) if p < lengths[i] and not fixed[i][p]] for p in range(width)]
     allowed = [set(o) for o in options]
+    must = _required(cands, options, free, specials)
+    scorer = None
+    if check.proj in mixing_projections(victim, 0):
+        tokens_at = [sorted(set(options[p]) | specials) for p in range(width)]
+        scorer = AttentionScorer.build(victim, attention_projections(victim, 0), check.proj, check.span, tokens_at)
+    log.debug("encoder search scores %s", "incrementally" if scorer else "with the model")
+
+    def residuals(seqs: list[list[int]]) -> torch.Tensor:
+        return scorer.residuals(seqs) if scorer is not None else context_residuals(victim, check, seqs)
 
     def cost(seqs: list[list[int]]) -> torch.Tensor:
-        res = context_residuals(victim, check, seqs)
+        res = residuals(seqs)
         return torch.where(torch.isinf(res), torch.zeros_like(res), res).sum(dim=1)
 
     def sweep(seqs: list[list[int]], cover: bool = True) -> bool:
         """Hungarian re-assignment of each position's tokens, all else fixed; with `cover` every
         candidate token is used by some live sequence, without it a false candidate may go unused."""
         changed = False
-        now = context_residuals(victim, check, seqs)
+        now = residuals(seqs)
         for p in range(width):
             if time.perf_counter() > deadline:
                 break
@@ -588,17 +602,17 @@ def _assemble_encoder(
                 continue
             if not changed and all(float(now[i, p]) < SETTLED * threshold for i in rows):
                 continue  # every live sequence is in span here (residuals valid until a change)
-            trial = []
-            for i in rows:
-                for t in toks:
-                    s = list(seqs[i])
-                    s[p] = t
-                    trial.append(s)
-            c = cost(trial).reshape(len(rows), len(toks)).numpy()
-            reps = -(-len(rows) // len(toks)) if cover else len(rows)
-            r_idx, c_idx = linear_sum_assignment(np.tile(c, (1, reps)))
-            for r, k in zip(r_idx, c_idx, strict=True):
-                t = toks[k % len(toks)]
+            if scorer is not None:
+                c = scorer.substitutions([seqs[i] for i in rows], p, toks).numpy()
+            else:
+                trial = []
+                for i in rows:
+                    for t in toks:
+                        s = list(seqs[i])
+                        s[p] = t
+                        trial.append(s)
+                c = cost(trial).reshape(len(rows), len(toks)).numpy()
+            for r, t in enumerate(_assign(c, toks, must[p] if cover else [])):
                 if seqs[rows[r]][p] != t:
                     seqs[rows[r]][p] = t
                     changed = True
@@ -610,8 +624,11 @@ def _assemble_encoder(
         if time.perf_counter() > deadline:
             return False
         moves, trial = [], []
+        solved = [float(current[i]) < SOLVED * threshold for i in range(n)]
         for a in range(n):
             for b in range(a + 1, n):
+                if solved[a] and solved[b]:
+                    continue  # two sequences in span: no head swap between them can help
                 for p in range(2, min(lengths[a], lengths[b])):
                     if seqs[a][:p] == seqs[b][:p]:
                         continue
@@ -629,12 +646,17 @@ def _assemble_encoder(
         seqs[a], seqs[b] = trial[2 * k], trial[2 * k + 1]
         return True
 
+    def sole(seqs: list[list[int]], i: int, p: int) -> bool:
+        """Whether sequence i holds the only copy of a token position p requires."""
+        t = seqs[i][p]
+        return t in must[p] and not any(seqs[j][p] == t for j in free[p] if j != i)
+
     def swap(seqs: list[list[int]]) -> bool:
         """In each sequence not yet in span, the best exchange of two of its tokens, if it helps: a
         word order that single-position moves cannot reach without passing a worse state. (A
         sequence's residuals depend on that sequence alone, so one pass scores them all.)"""
         changed = False
-        now = context_residuals(victim, check, seqs)
+        now = residuals(seqs)
         current = torch.where(torch.isinf(now), torch.zeros_like(now), now).sum(dim=1)
         for i in range(n):
             if time.perf_counter() > deadline:
@@ -649,6 +671,7 @@ def _assemble_encoder(
                 for q in range(p + 1, lengths[i])
                 if not fixed[i][p] and not fixed[i][q] and seq[p] != seq[q] and (loose[p] or loose[q])
                 and seq[q] in allowed[p] and seq[p] in allowed[q]
+                and not sole(seqs, i, p) and not sole(seqs, i, q)
             ]  # fmt: skip
             if not pairs:
                 continue
@@ -689,8 +712,12 @@ def _assemble_encoder(
             if not toks:
                 continue
             order = rng.permutation(len(free[p])) if restart else np.arange(len(free[p]))
+            rest = [t for t in toks if t not in must[p]]
+            if restart and rest:
+                rest = [rest[k] for k in rng.permutation(len(rest))]
+            fill = [*must[p], *rest] or toks
             for k, r in enumerate(order):
-                seqs[free[p][r]][p] = toks[k % len(toks)]
+                seqs[free[p][r]][p] = fill[k % len(fill)]
         if n == 1:
             return seqs
         seqs, total = descend(seqs)
@@ -703,6 +730,43 @@ def _assemble_encoder(
     # a false candidate forced into some sequence: polish without the covering constraint
     seqs, total = descend([list(s) for s in best[0]], cover=False)
     return seqs if total < best[1] else best[0]
+
+
+def _required(
+    cands: Candidates, options: list[list[int]], free: list[list[int]], specials: set[int]
+) -> list[list[int]]:
+    """Per position, the tokens some live sequence must hold there: those the embedding gradients
+    place (certain), or without a placement every candidate where there are no more than rows."""
+    out = []
+    occ = cands.occurrences
+    for p, toks in enumerate(options):
+        if occ is not None:
+            pinned = occ.pinned[p] if p < len(occ.pinned) else set()
+            out.append([t for t in toks if t in pinned and t not in specials])
+        else:
+            out.append(list(toks) if len(toks) <= len(free[p]) else [])
+    return out
+
+
+def _assign(cost: np.ndarray, toks: list[int], must: list[int]) -> list[int]:
+    """Tokens for the rows of `cost` (rows x toks) at least cost such that every token in `must`
+    is held by some row (as far as there are rows): each required token takes one row, every other
+    row takes its own best token."""
+    rows = cost.shape[0]
+    index = {t: k for k, t in enumerate(toks)}
+    required = [index[t] for t in must if t in index][:rows]
+    best = cost.argmin(axis=1)
+    if not required:
+        return [toks[int(k)] for k in best]
+    spare = rows - len(required)
+    columns = np.concatenate(
+        [cost[:, required], np.repeat(cost.min(axis=1, keepdims=True), spare, axis=1)], axis=1
+    )
+    r_idx, c_idx = linear_sum_assignment(columns)
+    out = [toks[int(k)] for k in best]
+    for r, c in zip(r_idx, c_idx, strict=True):
+        out[r] = toks[required[c]] if c < len(required) else toks[int(best[r])]
+    return out
 
 
 # ------------------------------------------------------------------ labels

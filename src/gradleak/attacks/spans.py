@@ -15,6 +15,7 @@ noise bulk rather than by a gap.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -33,6 +34,14 @@ class Span:
     @property
     def full(self) -> bool:
         return self.rank >= self.dim or self.gap < self.min_gap
+
+    @cached_property
+    def complement(self) -> torch.Tensor:
+        """(d, d - r) orthonormal columns orthogonal to the span."""
+        if self.rank == 0:
+            return torch.eye(self.dim, dtype=torch.float64)
+        q, _ = torch.linalg.qr(self.basis, mode="complete")
+        return q[:, self.rank :].contiguous()
 
 
 def span_of(rows: torch.Tensor, max_rank: int | None = None, min_gap: float = MIN_GAP) -> Span:
@@ -59,6 +68,8 @@ def span_of(rows: torch.Tensor, max_rank: int | None = None, min_gap: float = MI
 def residual(span: Span, x: torch.Tensor) -> torch.Tensor:
     """Relative distance ||x - P x|| / ||x|| of each row of x (..., d) to the span."""
     x = x.to(torch.float64)
+    if 2 * span.rank > span.dim:  # the complement is the smaller basis (and needs no cancellation)
+        return (x @ span.complement).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-300)
     total = x.pow(2).sum(dim=-1)
     inside = (x @ span.basis).pow(2).sum(dim=-1)  # orthonormal basis: ||P x||^2 = ||B^T x||^2
     out = (total - inside).clamp_min(0.0).sqrt() / total.sqrt().clamp_min(1e-300)

@@ -103,6 +103,12 @@ def context_projections(victim: Victim, block: int) -> tuple[Projection, ...]:
     return wide[-1]
 
 
+def mixing_projections(victim: Victim, block: int) -> tuple[Projection, ...]:
+    """The group right after the attention's input projections: the attention's output projection,
+    which reads each position's context (the softmax-weighted values) before anything else."""
+    return projection_groups(victim, block)[1]
+
+
 def _in_features(victim: Victim, proj: Projection) -> int:
     weight = victim.model.get_parameter(proj.name)
     return int(weight.shape[0] if proj.transposed else weight.shape[1])

@@ -178,10 +178,16 @@ class ExactAttack:
         first = attention_projections(victim, 0)
         causal = is_causal(victim)
         second = context_projections(victim, 0)
-        if not causal and all(p.name in grads for p in mixing_projections(victim, 0)):
-            # encoders: the attention's own context is checked (the search can score it fast)
-            second = mixing_projections(victim, 0)
-        for p in (*first, *second):
+        # encoders: the attention's own context is checked first (the search can score it fast), the
+        # MLP input where that span shows no clean rank
+        mixing = mixing_projections(victim, 0)
+        shared = not causal and all(p.name in grads for p in mixing)
+        groups = (
+            [mixing, second]
+            if shared and all(p.name in grads for p in second)
+            else [mixing if shared else second]
+        )
+        for p in (*first, *groups[-1]):
             if p.name not in grads:
                 raise GradleakError(
                     f"the exact attack needs the gradient of {p.name}, which the client withheld"
@@ -216,13 +222,10 @@ class ExactAttack:
             if span1.rank >= NOISY_FILL * hidden:
                 notes.append("no signal stands out of the noise: nothing recovered")
                 return Reconstruction((), (), None, (), time.perf_counter() - start, tuple(notes))
-        check_rows = gradient_rows(grads, second)
-        check = ContextCheck(second[0], (noisy_span_of if noisy else span_of)(check_rows))
-        if check.span.full and not noisy:  # float32 rounding may blur the drop: a weaker one will do
-            check = ContextCheck(second[0], span_of(check_rows, min_gap=CONTEXT_GAP))
+        check = _context_check(grads, groups, noisy)
         if check.span.full and not noisy:
             message = (
-                f"the context check's gradient ({second[0].name}) has no clear rank below the hidden "
+                f"the context check's gradient ({check.proj.name}) has no clear rank below the hidden "
                 f"width {hidden} (rank {check.span.rank}, gap {check.span.gap:.3g}): the batch's tokens "
                 "reach the width, so every arrangement of the candidates would pass it"
             )
@@ -307,6 +310,21 @@ class ExactAttack:
             seconds=time.perf_counter() - start,
             notes=tuple(notes),
         )
+
+
+def _context_check(
+    grads: dict[str, torch.Tensor], groups: list[tuple[Projection, ...]], noisy: bool
+) -> ContextCheck:
+    """The context check on the first group whose span shows a clean rank; where none does (float32
+    rounding may blur the drop), the last group's span cut at the weaker CONTEXT_GAP, which may be
+    full too. Perturbed updates: the first group's span above the noise bulk."""
+    if noisy:
+        return ContextCheck(groups[0][0], noisy_span_of(gradient_rows(grads, groups[0])))
+    for group in groups:
+        span = span_of(gradient_rows(grads, group))
+        if not span.full:
+            return ContextCheck(group[0], span)
+    return ContextCheck(groups[-1][0], span_of(gradient_rows(grads, groups[-1]), min_gap=CONTEXT_GAP))
 
 
 def _tighten(cands: Candidates, threshold: float) -> Candidates:
@@ -505,24 +523,40 @@ def _assemble_decoder(
 # ------------------------------------------------------------------ encoders
 
 
-def _encoder_lengths(victim: Victim, cands: Candidates, knowledge: Knowledge) -> list[int]:
+@dataclass(frozen=True)
+class LengthModel:
+    """What the gradients say about the sequences' lengths (longest first where a list)."""
+
+    estimate: list[int]  # a first guess
+    ends: list[int]  # lengths a sequence may have: the closing token may sit at length - 1
+    certain: list[int]  # lengths some sequence has: the embedding gradients place a closing token there
+    need: list[int]  # live sequences each position needs at least (a hard bound)
+    total: int | None  # the batch's token count, where the context span's rank shows it
+    known: bool = False  # the lengths were given
+
+
+def _encoder_lengths(
+    victim: Victim, cands: Candidates, knowledge: Knowledge, total: int | None = None
+) -> LengthModel:
     """Sequence lengths: known, or read off the positions where the closing special token occurs."""
     if knowledge.lengths is not None:
-        return sorted(knowledge.lengths, reverse=True)
+        known = sorted(knowledge.lengths, reverse=True)
+        return LengthModel(known, sorted(set(known)), sorted(set(known)), [], sum(known), known=True)
     prefix, suffix = special_template(victim.tokenizer)
     n_pos = len(cands.tokens)
     shortest = len(prefix) + len(suffix)  # the template alone
     occ = cands.occurrences
     ends: list[int] = []
     lengths: list[int] = []
+    certain: list[int] = []
     need = [len(t) for t in cands.tokens]  # live sequences each position needs at least
     if suffix:
         close = suffix[-1]
         ends = [p + 1 for p in range(shortest - 1, n_pos) if close in set(cands.tokens[p].tolist())]
         lengths = list(ends)
         if occ is not None:  # ends the embedding gradients place are certain; others only possible
-            lengths = [p + 1 for p in range(shortest - 1, n_pos) if close in occ.pinned[p]]
-            lengths += [] if n_pos in lengths else [n_pos]  # the longest sequence ends at the last
+            certain = [p + 1 for p in range(shortest - 1, n_pos) if close in occ.pinned[p]]
+            lengths = certain + ([] if n_pos in certain else [n_pos])  # the longest ends at the last
             # an incomplete position holds at least two tokens not yet placed besides its placed ones
             need = [len(occ.pinned[p]) + (0 if occ.complete[p] else 2) for p in range(n_pos)]
     if not ends:
@@ -540,7 +574,339 @@ def _encoder_lengths(victim: Victim, cands: Candidates, knowledge: Knowledge) ->
     target = knowledge.batch_size
     while target is not None and len(lengths) < target:
         lengths.append(max(lengths))
-    return sorted(lengths, reverse=True)
+    lengths = sorted(lengths, reverse=True)[: target or len(lengths)]
+    if total is not None and total < shortest * len(lengths):
+        total = None
+    # hard lower bounds only: without a placement, candidate counts overstate the tokens at a position
+    bound = need if occ is not None else [1] * n_pos
+    return LengthModel(sorted(lengths, reverse=True), sorted(set(ends) | {n_pos}), certain, bound, total)
+
+
+COPY = 1e3  # search cost of making a slot a copy of another sequence
+SLICE = 2.0  # seconds a length hypothesis gets at least (a third of what is left at most otherwise)
+PER_HYPOTHESIS = 3  # restarts of the encoder search per length hypothesis (lengths unknown)
+HYPOTHESES = 48  # length lists tried per peel of the encoder search, closest to the estimate first
+NODES = 200_000  # search nodes spent enumerating them
+
+
+def _length_hypotheses(model: LengthModel, estimate: list[int], frozen: list[int]) -> list[list[int]]:
+    """Length lists for the open slots (as many as `estimate`), longest first, closest to `estimate`
+    first: every length a possible end, every position left with the live sequences it needs beside
+    the `frozen` (solved) ones, every certain end not ended by a frozen sequence used, and the
+    lengths adding up to the token count left where it is known."""
+    k = len(estimate)
+    if model.known or k == 0:
+        return [estimate]
+    n_pos = len(model.need)
+    live = [sum(1 for n in frozen if n > p) for p in range(n_pos)]
+    short = [max(0, model.need[p] - live[p]) for p in range(n_pos)]
+    minimal = [1 + max([p for p in range(n_pos) if short[p] > j], default=0) for j in range(k)]
+    cover = {e for e in model.certain if e not in frozen} | ({n_pos} if n_pos not in frozen else set())
+    ends = sorted(set(model.ends), reverse=True)
+
+    def enumerate_within(
+        radius: int, total: int | None, floor: bool, found: dict[tuple[int, ...], int]
+    ) -> None:
+        nodes = 0
+
+        def dfs(j: int, prev: int, acc: int, dist: int, chosen: list[int]) -> None:
+            nonlocal nodes
+            nodes += 1
+            if nodes > NODES or len(found) >= 4 * HYPOTHESES:
+                return
+            if j == k:
+                if (total is None or acc == total) and cover <= set(chosen):
+                    found.setdefault(tuple(chosen), dist)
+                return
+            missing = [e for e in cover if e not in chosen]
+            if len(missing) > k - j:
+                return
+            for e in ends:
+                if e > prev or e < minimal[j] or abs(e - estimate[j]) > radius:
+                    continue
+                if floor and e < estimate[j]:
+                    continue
+                if any(m > e for m in missing if m != e):
+                    continue  # a certain end longer than every slot left
+                rest = k - j - 1
+                if total is not None and not (acc + e + sum(minimal[j + 1 :]) <= total <= acc + e + rest * e):
+                    continue
+                dfs(j + 1, e, acc + e, dist + abs(e - estimate[j]), [*chosen, e])
+
+        dfs(0, n_pos, 0, 0, [])
+
+    left = None if model.total is None else model.total - sum(frozen)
+    # the estimate covers each position's need with the shortest lengths that reach it, so it is
+    # (nearly always) a lower bound slot by slot: lengths at or above it are tried first
+    for total, floor in [(left, True), (left, False), (None, False)] if left is not None else [(None, False)]:
+        found: dict[tuple[int, ...], int] = {}
+        for radius in (0, 1, 2, 3, 5, 8, 13, n_pos):
+            enumerate_within(radius, total, floor, found)
+            if len(found) >= HYPOTHESES:
+                break
+        if found:  # fewest slots moved first, then the smallest moves
+            ranked = sorted(
+                found, key=lambda h: (sum(a != b for a, b in zip(h, estimate, strict=True)), found[h], h)
+            )
+            return [list(h) for h in ranked[:HYPOTHESES]]
+    return [sorted(estimate, reverse=True)]
+
+
+class _EncoderSearch:
+    """Assign each position's candidates to sequences so that every sequence's contexts lie in the
+    check's span (see `_assemble_encoder`)."""
+
+    def __init__(
+        self, victim: Victim, cands: Candidates, check: ContextCheck, threshold: float, deadline: float
+    ) -> None:
+        self.victim, self.cands, self.check = victim, cands, check
+        self.threshold, self.deadline = threshold, deadline
+        prefix, suffix = special_template(victim.tokenizer)
+        self.prefix, self.suffix = prefix, suffix
+        self.specials = set(prefix) | set(suffix)
+        self.options = []
+        for p in range(len(cands.tokens)):
+            toks = [int(t) for t in cands.tokens[p]]
+            self.options.append([t for t in toks if t not in self.specials] or toks)
+        self.allowed = [set(o) for o in self.options]
+        self.scorer = None
+        if check.proj in mixing_projections(victim, 0):
+            tokens_at = [sorted(set(o) | self.specials) for o in self.options]
+            first = attention_projections(victim, 0)
+            self.scorer = AttentionScorer.build(victim, first, check.proj, check.span, tokens_at)
+        log.debug("encoder search scores %s", "incrementally" if self.scorer else "with the model")
+        self.rng = np.random.default_rng(0)
+
+    def residuals(self, seqs: list[list[int]]) -> torch.Tensor:
+        if self.scorer is not None:
+            return self.scorer.residuals(seqs)
+        return context_residuals(self.victim, self.check, seqs)
+
+    def cost(self, seqs: list[list[int]]) -> torch.Tensor:
+        res = self.residuals(seqs)
+        return torch.where(torch.isinf(res), torch.zeros_like(res), res).sum(dim=1)
+
+    def solved(self, seqs: list[list[int]]) -> list[bool]:
+        """Whether each sequence's contexts all lie in the span (to the update's rounding)."""
+        res = self.residuals(seqs)
+        res = torch.where(torch.isinf(res), torch.zeros_like(res), res)
+        return [bool(r.max() < SETTLED * self.threshold) for r in res]
+
+    def run(
+        self, lengths: list[int], frozen: list[list[int]], restarts: int, cover: bool = True
+    ) -> tuple[list[list[int]], float]:
+        """The best of `restarts` descents for open slots of these lengths beside the `frozen`
+        sequences; stops early once a restart solves a sequence."""
+        state = _SearchState(self, lengths, frozen)
+        best: tuple[list[list[int]], float] | None = None
+        for restart in range(restarts):
+            if best is not None and time.perf_counter() > self.deadline:
+                break
+            seqs = state.start(self.rng if restart else None)
+            if len(seqs) == 1 and not frozen and not any(len(o) > 1 for o in self.options):
+                return seqs, float(self.cost(seqs).sum())
+            seqs, total = state.descend(seqs, cover)
+            if best is None or total < best[1]:
+                best = (seqs, total)
+            if any(self.solved(seqs[len(frozen) :])):
+                break
+        assert best is not None
+        return best[0][len(frozen) :], best[1]
+
+    def polish(self, seqs: list[list[int]], frozen: list[list[int]]) -> list[list[int]]:
+        """A false candidate may have been forced into some sequence by the covering constraint:
+        descend once more without it, and keep the result if it is better."""
+        state = _SearchState(self, [len(s) for s in seqs], frozen)
+        before = state.total([*frozen, *seqs])
+        out, after = state.descend([*(list(s) for s in frozen), *(list(s) for s in seqs)], cover=False)
+        out = out[len(frozen) :] if after < before else seqs
+        return [x for i, x in enumerate(out) if x not in frozen and x not in out[:i]]  # no copies
+
+
+class _SearchState:
+    """One length hypothesis of the encoder search: rows are the frozen sequences (held fixed) and
+    the open slots; moves are Hungarian re-assignments per position, head swaps and exchanges."""
+
+    def __init__(self, search: _EncoderSearch, lengths: list[int], frozen: list[list[int]]) -> None:
+        self.s = search
+        self.n_frozen = len(frozen)
+        self.lengths = [len(f) for f in frozen] + list(lengths)
+        n, width = len(self.lengths), max(self.lengths)
+        self.n, self.width = n, width
+        self.base = [list(f) for f in frozen] + [[0] * length for length in lengths]
+        self.fixed = [[True] * len(f) for f in frozen] + [[False] * length for length in lengths]
+        for i in range(self.n_frozen, n):
+            length = self.lengths[i]
+            for k, t in enumerate(search.prefix):
+                self.base[i][k], self.fixed[i][k] = t, True
+            for k, t in enumerate(search.suffix):
+                self.base[i][length - len(search.suffix) + k] = t
+                self.fixed[i][length - len(search.suffix) + k] = True
+        opts = search.options
+        self.free = [
+            [i for i in range(n) if p < self.lengths[i] and not self.fixed[i][p]] for p in range(width)
+        ]
+        held = [{f[p] for f in frozen if p < len(f)} for p in range(width)]
+        self.must = [
+            [t for t in m if t not in held[p]]
+            for p, m in enumerate(_required(search.cands, opts[:width], self.free, search.specials))
+        ]
+
+    def start(self, rng: np.random.Generator | None) -> list[list[int]]:
+        seqs = [list(s) for s in self.base]
+        for p in range(self.width):
+            toks = self.s.options[p]
+            if not toks or not self.free[p]:
+                continue
+            order = rng.permutation(len(self.free[p])) if rng is not None else np.arange(len(self.free[p]))
+            rest = [t for t in toks if t not in self.must[p]]
+            if rng is not None and rest:
+                rest = [rest[k] for k in rng.permutation(len(rest))]
+            fill = [*self.must[p], *rest] or toks
+            for k, r in enumerate(order):
+                seqs[self.free[p][r]][p] = fill[k % len(fill)]
+        return seqs
+
+    def sweep(self, seqs: list[list[int]], cover: bool = True) -> bool:
+        """Hungarian re-assignment of each position's tokens, all else fixed; with `cover` the
+        required tokens are each held by some live sequence."""
+        s, changed = self.s, False
+        settled = SETTLED * s.threshold
+        now = s.residuals(seqs)
+        for p in range(self.width):
+            if time.perf_counter() > s.deadline:
+                break
+            rows, toks = self.free[p], s.options[p]
+            if not rows or not toks or (len(toks) == 1 and all(seqs[i][p] == toks[0] for i in rows)):
+                continue
+            if not changed and all(float(now[i, p]) < settled for i in rows):
+                continue  # every live sequence is in span here (residuals valid until a change)
+            if s.scorer is not None:
+                c = s.scorer.substitutions([seqs[i] for i in rows], p, toks).numpy()
+            else:
+                trial = []
+                for i in rows:
+                    for t in toks:
+                        x = list(seqs[i])
+                        x[p] = t
+                        trial.append(x)
+                c = s.cost(trial).reshape(len(rows), len(toks)).numpy()
+            c = c + self.copies(seqs, rows, p, toks)
+            spread = cover and s.cands.occurrences is None
+            for r, t in enumerate(_assign(c, toks, self.must[p] if cover else [], distinct=spread)):
+                if seqs[rows[r]][p] != t:
+                    seqs[rows[r]][p] = t
+                    changed = True
+        return changed
+
+    def copies(self, seqs: list[list[int]], rows: list[int], p: int, toks: list[int]) -> np.ndarray:
+        """(rows, toks) penalty COPY where the substitution would make a row a copy of another
+        sequence: a copy of a solved sentence lies in the span too, but a batch rarely holds one
+        sentence twice, and letting a slot settle on a copy would hide the sentence it stands for."""
+        out = np.zeros((len(rows), len(toks)))
+        index = {t: k for k, t in enumerate(toks)}
+        for r, i in enumerate(rows):
+            for j in range(self.n):
+                if j == i or self.lengths[j] != self.lengths[i] or seqs[j][p] not in index:
+                    continue
+                a, b = seqs[i], seqs[j]
+                if a[:p] == b[:p] and a[p + 1 :] == b[p + 1 :]:
+                    out[r, index[b[p]]] = COPY
+        return out
+
+    def crossover(self, seqs: list[list[int]], current: torch.Tensor) -> bool:
+        """The best swap of heads (positions before p) between two open sequences, if it helps: it
+        moves a sentence's start to the length slot it belongs to, which single-position moves
+        cannot."""
+        s = self.s
+        if time.perf_counter() > s.deadline:
+            return False
+        moves, trial = [], []
+        solved = [float(current[i]) < SOLVED * s.threshold for i in range(self.n)]
+        for a in range(self.n_frozen, self.n):
+            for b in range(a + 1, self.n):
+                if solved[a] and solved[b]:
+                    continue  # two sequences in span: no head swap between them can help
+                for p in range(2, min(self.lengths[a], self.lengths[b])):
+                    if seqs[a][:p] == seqs[b][:p]:
+                        continue
+                    x, y = seqs[b][:p] + seqs[a][p:], seqs[a][:p] + seqs[b][p:]
+                    if x in seqs or y in seqs:
+                        continue  # it would copy another sequence
+                    moves.append((a, b, p))
+                    trial.extend((x, y))
+        if not moves:
+            return False
+        c = s.cost(trial).reshape(len(moves), 2)
+        gain = torch.tensor([float(current[a] + current[b]) for a, b, _ in moves]) - c.sum(dim=1)
+        k = int(torch.argmax(gain))
+        if float(gain[k]) <= 1e-12:
+            return False
+        a, b, _ = moves[k]
+        seqs[a], seqs[b] = trial[2 * k], trial[2 * k + 1]
+        return True
+
+    def sole(self, seqs: list[list[int]], i: int, p: int) -> bool:
+        """Whether sequence i holds the only copy of a token position p requires."""
+        t = seqs[i][p]
+        return t in self.must[p] and not any(seqs[j][p] == t for j in self.free[p] if j != i)
+
+    def swap(self, seqs: list[list[int]]) -> bool:
+        """In each sequence not yet in span, the best exchange of two of its tokens, if it helps: a
+        word order that single-position moves cannot reach without passing a worse state. (A
+        sequence's residuals depend on that sequence alone, so one pass scores them all.)"""
+        s, changed = self.s, False
+        now = s.residuals(seqs)
+        current = torch.where(torch.isinf(now), torch.zeros_like(now), now).sum(dim=1)
+        for i in range(self.n_frozen, self.n):
+            if time.perf_counter() > s.deadline:
+                break
+            if float(current[i]) < SOLVED * s.threshold:
+                continue
+            seq, fixed, allowed = seqs[i], self.fixed[i], s.allowed
+            loose = [float(now[i, p]) >= SETTLED * s.threshold for p in range(self.lengths[i])]
+            pairs = [
+                (p, q)
+                for p in range(self.lengths[i])
+                for q in range(p + 1, self.lengths[i])
+                if not fixed[p] and not fixed[q] and seq[p] != seq[q] and (loose[p] or loose[q])
+                and seq[q] in allowed[p] and seq[p] in allowed[q]
+                and not self.sole(seqs, i, p) and not self.sole(seqs, i, q)
+            ]  # fmt: skip
+            if not pairs:
+                continue
+            trial = []
+            for p, q in pairs:
+                t = list(seq)
+                t[p], t[q] = t[q], t[p]
+                if t not in seqs:  # not a copy of another sequence
+                    trial.append(t)
+            if not trial:
+                continue
+            c = s.cost(trial)
+            k = int(torch.argmin(c))
+            if float(c[k]) < float(current[i]) - 1e-12:
+                seqs[i] = trial[k]
+                changed = True
+        return changed
+
+    def descend(self, seqs: list[list[int]], cover: bool = True) -> tuple[list[list[int]], float]:
+        for _round in range(2 * self.n):
+            if time.perf_counter() > self.s.deadline:
+                break
+            for _sweep in range(8):
+                if not self.sweep(seqs, cover):
+                    break
+            moved = self.crossover(seqs, self.s.cost(seqs))
+            moved = self.swap(seqs) or moved
+            if not moved:
+                break
+        return seqs, self.total(seqs)
+
+    def total(self, seqs: list[list[int]]) -> float:
+        """Summed residuals, plus COPY for every sequence that repeats an earlier one."""
+        repeats = sum(1 for i, x in enumerate(seqs) if x in seqs[:i])
+        return float(self.s.cost(seqs).sum()) + COPY * repeats
 
 
 def _assemble_encoder(
@@ -552,184 +918,61 @@ def _assemble_encoder(
     deadline: float,
     null: tuple[torch.Generator, int] | None = None,
 ) -> list[list[int]]:
-    """Assign each position's candidates to sequences so that every sequence's context inputs lie
-    in the span: coordinate descent over positions (Hungarian assignment of that position's tokens
-    to the live sequences, all else fixed), from several seeded random starts, until `deadline`
-    (a time.perf_counter() value) passes."""
+    """Assign each position's candidates to sequences so that every sequence's contexts lie in the
+    span: coordinate descent over positions (Hungarian assignment of that position's tokens to the
+    live sequences, all else fixed) with head swaps and exchanges, from seeded starts, until
+    `deadline` (a time.perf_counter() value) passes.
+
+    Lengths are a hypothesis (`_length_hypotheses`, closest to the estimate first). A sequence
+    whose contexts all lie in the span is a true one, so solved sequences are frozen as soon as
+    they appear ("peeled"), and the hypotheses for the remaining slots are drawn again with what
+    is left: fewer slots, fewer tokens, and, where the span's rank gives the batch's token count,
+    a known sum of the remaining lengths."""
     prefix, suffix = special_template(victim.tokenizer)
     if len(cands.tokens) < len(prefix) + len(suffix):
         return []  # not even the template's positions are occupied
-    lengths = _encoder_lengths(victim, cands, knowledge)
-    specials = set(prefix) | set(suffix)
-    n, width = len(lengths), max(lengths)
-    base = [[0] * length for length in lengths]
-    fixed = [[False] * length for length in lengths]
-    for i, length in enumerate(lengths):
-        for k, t in enumerate(prefix):
-            base[i][k], fixed[i][k] = t, True
-        for k, t in enumerate(suffix):
-            base[i][length - len(suffix) + k], fixed[i][length - len(suffix) + k] = t, True
-    options = []
-    for p in range(width):
-        toks = [int(t) for t in cands.tokens[p]] if p < len(cands.tokens) else []
-        options.append([t for t in toks if t not in specials] or toks)
-    free = [[i for i in range(n) if p < lengths[i] and not fixed[i][p]] for p in range(width)]
-    allowed = [set(o) for o in options]
-    must = _required(cands, options, free, specials)
-    scorer = None
-    if check.proj in mixing_projections(victim, 0):
-        tokens_at = [sorted(set(options[p]) | specials) for p in range(width)]
-        scorer = AttentionScorer.build(victim, attention_projections(victim, 0), check.proj, check.span, tokens_at)
-    log.debug("encoder search scores %s", "incrementally" if scorer else "with the model")
-
-    def residuals(seqs: list[list[int]]) -> torch.Tensor:
-        return scorer.residuals(seqs) if scorer is not None else context_residuals(victim, check, seqs)
-
-    def cost(seqs: list[list[int]]) -> torch.Tensor:
-        res = residuals(seqs)
-        return torch.where(torch.isinf(res), torch.zeros_like(res), res).sum(dim=1)
-
-    def sweep(seqs: list[list[int]], cover: bool = True) -> bool:
-        """Hungarian re-assignment of each position's tokens, all else fixed; with `cover` every
-        candidate token is used by some live sequence, without it a false candidate may go unused."""
-        changed = False
-        now = residuals(seqs)
-        for p in range(width):
-            if time.perf_counter() > deadline:
-                break
-            rows, toks = free[p], options[p]
-            if not rows or not toks or (len(toks) == 1 and all(seqs[i][p] == toks[0] for i in rows)):
-                continue
-            if not changed and all(float(now[i, p]) < SETTLED * threshold for i in rows):
-                continue  # every live sequence is in span here (residuals valid until a change)
-            if scorer is not None:
-                c = scorer.substitutions([seqs[i] for i in rows], p, toks).numpy()
-            else:
-                trial = []
-                for i in rows:
-                    for t in toks:
-                        s = list(seqs[i])
-                        s[p] = t
-                        trial.append(s)
-                c = cost(trial).reshape(len(rows), len(toks)).numpy()
-            for r, t in enumerate(_assign(c, toks, must[p] if cover else [])):
-                if seqs[rows[r]][p] != t:
-                    seqs[rows[r]][p] = t
-                    changed = True
-        return changed
-
-    def crossover(seqs: list[list[int]], current: torch.Tensor) -> bool:
-        """The best swap of heads (positions before p) between two sequences, if it helps: it moves
-        a sentence's start to the length slot it belongs to, which single-position moves cannot."""
-        if time.perf_counter() > deadline:
-            return False
-        moves, trial = [], []
-        solved = [float(current[i]) < SOLVED * threshold for i in range(n)]
-        for a in range(n):
-            for b in range(a + 1, n):
-                if solved[a] and solved[b]:
-                    continue  # two sequences in span: no head swap between them can help
-                for p in range(2, min(lengths[a], lengths[b])):
-                    if seqs[a][:p] == seqs[b][:p]:
-                        continue
-                    moves.append((a, b, p))
-                    trial.append(seqs[b][:p] + seqs[a][p:])
-                    trial.append(seqs[a][:p] + seqs[b][p:])
-        if not moves:
-            return False
-        c = cost(trial).reshape(len(moves), 2)
-        gain = torch.tensor([float(current[a] + current[b]) for a, b, _ in moves]) - c.sum(dim=1)
-        k = int(torch.argmax(gain))
-        if float(gain[k]) <= 1e-12:
-            return False
-        a, b, p = moves[k]
-        seqs[a], seqs[b] = trial[2 * k], trial[2 * k + 1]
-        return True
-
-    def sole(seqs: list[list[int]], i: int, p: int) -> bool:
-        """Whether sequence i holds the only copy of a token position p requires."""
-        t = seqs[i][p]
-        return t in must[p] and not any(seqs[j][p] == t for j in free[p] if j != i)
-
-    def swap(seqs: list[list[int]]) -> bool:
-        """In each sequence not yet in span, the best exchange of two of its tokens, if it helps: a
-        word order that single-position moves cannot reach without passing a worse state. (A
-        sequence's residuals depend on that sequence alone, so one pass scores them all.)"""
-        changed = False
-        now = residuals(seqs)
-        current = torch.where(torch.isinf(now), torch.zeros_like(now), now).sum(dim=1)
-        for i in range(n):
-            if time.perf_counter() > deadline:
-                break
-            if float(current[i]) < SOLVED * threshold:
-                continue
-            seq = seqs[i]
-            loose = [float(now[i, p]) >= SETTLED * threshold for p in range(lengths[i])]
-            pairs = [
-                (p, q)
-                for p in range(lengths[i])
-                for q in range(p + 1, lengths[i])
-                if not fixed[i][p] and not fixed[i][q] and seq[p] != seq[q] and (loose[p] or loose[q])
-                and seq[q] in allowed[p] and seq[p] in allowed[q]
-                and not sole(seqs, i, p) and not sole(seqs, i, q)
-            ]  # fmt: skip
-            if not pairs:
-                continue
-            trial = []
-            for p, q in pairs:
-                t = list(seq)
-                t[p], t[q] = t[q], t[p]
-                trial.append(t)
-            c = cost(trial)
-            k = int(torch.argmin(c))
-            if float(c[k]) < float(current[i]) - 1e-12:
-                seqs[i] = trial[k]
-                changed = True
-        return changed
-
-    def descend(seqs: list[list[int]], cover: bool = True) -> tuple[list[list[int]], float]:
-        for _round in range(2 * n):
-            if time.perf_counter() > deadline:
-                break
-            for _sweep in range(8):
-                if not sweep(seqs, cover):
-                    break
-            moved = crossover(seqs, cost(seqs))
-            moved = swap(seqs) or moved
-            if not moved:
-                break
-        return seqs, float(cost(seqs).sum())
-
-    rng = np.random.default_rng(0)
+    total = None
+    if null is None and knowledge.lengths is None and check.proj in mixing_projections(victim, 0):
+        total = check.span.rank  # distinct contexts: one per token of the batch (while below the width)
+    model = _encoder_lengths(victim, cands, knowledge, total)
+    log.debug("length model: %s", model)
+    search = _EncoderSearch(victim, cands, check, threshold, deadline)
+    frozen: list[list[int]] = []
+    estimate = list(model.estimate)
+    hypotheses = _length_hypotheses(model, estimate, [])
     best: tuple[list[list[int]], float] | None = None
-    for restart in range(RESTARTS if n > 1 else 1):
-        if best is not None and time.perf_counter() > deadline:
-            log.info("encoder search stopped at its time budget after %d restarts", restart)
+    h = 0
+    first = True
+    while h < len(hypotheses) and len(frozen) < len(model.estimate):
+        if not first and time.perf_counter() > deadline:
+            log.info("encoder search stopped at its time budget with %d sequences solved", len(frozen))
             break
-        seqs = [list(s) for s in base]
-        for p in range(width):
-            toks = options[p]
-            if not toks:
-                continue
-            order = rng.permutation(len(free[p])) if restart else np.arange(len(free[p]))
-            rest = [t for t in toks if t not in must[p]]
-            if restart and rest:
-                rest = [rest[k] for k in rng.permutation(len(rest))]
-            fill = [*must[p], *rest] or toks
-            for k, r in enumerate(order):
-                seqs[free[p][r]][p] = fill[k % len(fill)]
-        if n == 1:
-            return seqs
-        seqs, total = descend(seqs)
-        log.debug("restart %d: residual %.3g", restart, total)
-        if best is None or total < best[1]:
-            best = (seqs, total)
-        if total < SOLVED * threshold * n:
-            return seqs
-    assert best is not None
-    # a false candidate forced into some sequence: polish without the covering constraint
-    seqs, total = descend([list(s) for s in best[0]], cover=False)
-    return seqs if total < best[1] else best[0]
+        lengths = hypotheses[h]
+        now = time.perf_counter()
+        search.deadline = min(deadline, now + max(SLICE, (deadline - now) / 3))  # let others be tried too
+        seqs, total_cost = search.run(lengths, frozen, RESTARTS if model.known else PER_HYPOTHESIS)
+        search.deadline = deadline
+        first = False
+        log.debug("lengths %s beside %d solved: residual %.3g", lengths, len(frozen), total_cost)
+        if best is None or total_cost < best[1]:
+            best = (seqs, total_cost)
+        done: list[list[int]] = []
+        for s, ok in zip(seqs, search.solved(seqs), strict=True):
+            if ok and s not in frozen and s not in done:  # a copy is not another sentence
+                done.append(s)
+        if not done:
+            h += 1
+            continue
+        frozen += done
+        lengths, estimate = list(lengths), list(estimate)
+        for s in done:  # the slots left: the hypothesis's lengths, and their estimates, less the solved
+            k = lengths.index(len(s))
+            del lengths[k], estimate[k]
+        best = None
+        hypotheses, h = _length_hypotheses(model, estimate, [len(s) for s in frozen]), 0
+    if len(frozen) == len(model.estimate) or best is None:
+        return frozen
+    return frozen + search.polish(best[0], frozen)
 
 
 def _required(
@@ -748,14 +991,18 @@ def _required(
     return out
 
 
-def _assign(cost: np.ndarray, toks: list[int], must: list[int]) -> list[int]:
+def _assign(cost: np.ndarray, toks: list[int], must: list[int], distinct: bool = False) -> list[int]:
     """Tokens for the rows of `cost` (rows x toks) at least cost such that every token in `must`
     is held by some row (as far as there are rows): each required token takes one row, every other
-    row takes its own best token."""
+    row takes its own best token. With nothing required and `distinct`, rows take distinct tokens
+    where there are enough (without a placement, a sparser filling is the better guess)."""
     rows = cost.shape[0]
     index = {t: k for k, t in enumerate(toks)}
     required = [index[t] for t in must if t in index][:rows]
     best = cost.argmin(axis=1)
+    if distinct and not required and len(toks) >= rows:
+        r_idx, c_idx = linear_sum_assignment(cost)
+        return [toks[int(k)] for _, k in sorted(zip(r_idx, c_idx, strict=True))]
     if not required:
         return [toks[int(k)] for k in best]
     spare = rows - len(required)

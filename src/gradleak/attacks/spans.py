@@ -4,7 +4,9 @@ For a linear map applied token-wise, the weight gradient is a sum of outer produ
 delta_i x_i^T over the tokens i of the batch, so its rows span (at most) the inputs x_i that
 occurred: rank <= number of distinct tokens. A candidate input lies in that span exactly when it
 occurred (generically). The rank is cut at the last relative singular-value gap of at least
-MIN_GAP that falls under FLOOR; with no such gap the span is taken as the whole space.
+MIN_GAP that falls under FLOOR; with no such gap the span is taken as the whole space. A drop
+that would leave a single dimension out is passed over: it is a dependency among the gradient's
+rows (a LayerNorm after the map makes its output gradients sum to zero), not the span's edge.
 
 A perturbed update (noise added) has no such gap: `noisy_span_of` then keeps the singular values
 above the optimal hard threshold for a low-rank matrix in white noise of unknown level (Gavish &
@@ -58,6 +60,9 @@ def span_of(rows: torch.Tensor, max_rank: int | None = None, min_gap: float = MI
         return Span(vh[:1].T.contiguous(), 1, dim, float("inf"))
     ratios = rel[: limit - 1] / rel[1:limit].clamp_min(1e-300)
     big = torch.nonzero((ratios >= min_gap) & (rel[1:limit] <= FLOOR)).flatten()
+    # a drop that leaves one dimension out is a dependency among the rows (a LayerNorm after the map
+    # makes its output gradients sum to zero), not the span's edge
+    big = big[big + 1 < dim - 1]
     if len(big) == 0:  # no clean drop to the noise floor: the rows fill the space (or are noisy)
         return Span(vh.T.contiguous(), dim, dim, float(ratios.max()), min_gap)
     rank = int(big[-1]) + 1  # the last clean drop: signal may fall steeply, noise after it does not

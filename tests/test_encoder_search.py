@@ -1,0 +1,120 @@
+"""The encoder search's parts: the incremental attention scorer, required tokens, length
+hypotheses, the span cut that passes over a row dependency, and MiniLM at batch size 8."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradleak.attacks import AttackOptions, Knowledge, get_attack
+from gradleak.attacks.exact import LengthModel, _assign, _length_hypotheses
+from gradleak.attacks.scorer import AttentionScorer
+from gradleak.attacks.spans import span_of
+from gradleak.attacks.structure import attention_projections, gradient_rows, mixing_projections
+from gradleak.client import fedsgd
+from gradleak.experiment import score_reconstruction
+
+
+@pytest.fixture(scope="module")
+def minilm_batch(minilm, make_victim_batch):
+    batch = make_victim_batch(minilm, "sst2", 4, 1, min_words=5, max_words=20)
+    grads = fedsgd(minilm, batch).gradients()
+    span = span_of(gradient_rows(grads, mixing_projections(minilm, 0)))
+    seqs = [list(map(int, batch.token_ids[i][: batch.lengths[i]])) for i in range(4)]
+    return batch, span, seqs
+
+
+def test_context_span_rank_is_the_batch_token_count(minilm, minilm_batch):
+    batch, span, _ = minilm_batch
+    assert not span.full
+    assert span.rank == sum(batch.lengths)
+
+
+def test_scorer_matches_the_model_and_substitutions_match_whole_sequences(minilm, minilm_batch):
+    _, span, seqs = minilm_batch
+    width = max(len(s) for s in seqs)
+    tokens_at = [sorted({s[p] for s in seqs if p < len(s)} | {2000 + p}) for p in range(width)]
+    scorer = AttentionScorer.build(
+        minilm, attention_projections(minilm, 0), mixing_projections(minilm, 0)[0], span, tokens_at
+    )
+    assert scorer is not None
+    true = scorer.residuals(seqs)
+    assert float(true[torch.isfinite(true)].max()) < 1e-4  # the batch's own contexts lie in the span
+    for p in (1, 3, 6):
+        rows = [s for s in seqs if len(s) > p]
+        fast = scorer.substitutions(rows, p, tokens_at[p])
+        trial = []
+        for s in rows:
+            for t in tokens_at[p]:
+                x = list(s)
+                x[p] = t
+                trial.append(x)
+        slow = scorer.residuals(trial)
+        slow = torch.where(torch.isinf(slow), torch.zeros_like(slow), slow).sum(1).view(len(rows), -1)
+        assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-5)  # residuals() runs at float32
+        # the true token scores best in every row, by orders of magnitude
+        for r, s in enumerate(rows):
+            k = tokens_at[p].index(s[p])
+            others = torch.cat([fast[r, :k], fast[r, k + 1 :]])
+            assert float(fast[r, k]) * 100 < float(others.min())
+
+
+def test_scorer_declines_a_causal_model(gpt2_tiny, make_victim_batch):
+    batch = make_victim_batch(gpt2_tiny, "cola", 2, 0)
+    grads = fedsgd(gpt2_tiny, batch).gradients()
+    mixing = mixing_projections(gpt2_tiny, 0)
+    span = span_of(gradient_rows(grads, mixing))
+    tokens_at = [[int(t)] for t in batch.token_ids[0][: batch.lengths[0]]]
+    assert (
+        AttentionScorer.build(gpt2_tiny, attention_projections(gpt2_tiny, 0), mixing[0], span, tokens_at)
+        is None
+    )
+
+
+def test_required_tokens_are_each_held_and_other_rows_take_their_best():
+    cost = np.array([[0.0, 5.0, 9.0], [0.0, 6.0, 9.0], [0.0, 9.0, 1.0]])
+    toks = [10, 11, 12]
+    # without requirements every row takes token 10; requiring 11 and 12 moves two rows
+    assert _assign(cost, toks, []) == [10, 10, 10]
+    got = _assign(cost, toks, [11, 12])
+    assert sorted(got) == [10, 11, 12] and got[2] == 12 and got[0] == 11
+
+
+def test_length_hypotheses_respect_the_total_the_certain_ends_and_the_estimate():
+    model = LengthModel(
+        estimate=[10, 8, 6, 5],
+        ends=[4, 5, 6, 7, 8, 9, 10],
+        certain=[8, 10],
+        need=[4] * 5 + [2] * 3 + [1] * 2,
+        total=32,
+    )
+    hyps = _length_hypotheses(model, model.estimate, [])
+    assert hyps and all(sum(h) == 32 and len(h) == 4 for h in hyps)
+    assert all(8 in h and 10 in h and h[0] == 10 for h in hyps)
+    assert all(all(a >= b for a, b in zip(h, model.estimate, strict=True)) for h in hyps[:3])
+    assert [10, 8, 7, 7] in hyps and [10, 8, 8, 6] in hyps and [10, 9, 8, 5] in hyps
+    # beside a solved sequence of length 8, three slots are left for 24 tokens
+    left = _length_hypotheses(model, [10, 6, 5], [8])
+    assert all(sum(h) == 24 and len(h) == 3 and h[0] == 10 for h in left)
+
+
+def test_span_cut_passes_over_a_drop_that_leaves_one_dimension():
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))[0]
+    s = torch.tensor([1.0] * 6 + [1e-8] * 13 + [1e-12], dtype=torch.float64)
+    span = span_of(torch.diag(s) @ basis)
+    assert span.rank == 6 and not span.full
+
+
+def test_minilm_batch_of_eight_with_lengths_unknown(minilm, make_victim_batch):
+    """Lengths and labels unknown, batch size known: solved sentences are peeled off and the rest
+    re-assigned under the token count the context span's rank gives."""
+    attack = get_attack("exact")
+    for seed in (4, 5):
+        batch = make_victim_batch(minilm, "sst2", 8, seed, min_words=5, max_words=20)
+        rec = attack.reconstruct(
+            minilm, fedsgd(minilm, batch), Knowledge(batch_size=8), AttackOptions(time_budget=600)
+        )
+        scores = score_reconstruction(minilm, batch, rec)
+        assert scores.exact_match == 100.0, (batch.texts, rec.texts)

@@ -572,11 +572,15 @@ def _encoder_lengths(
                 break
             lengths.append(min(e for e in [*ends, n_pos] if e > p))
     target = knowledge.batch_size
-    while target is not None and len(lengths) < target:
-        lengths.append(max(lengths))
-    lengths = sorted(lengths, reverse=True)[: target or len(lengths)]
-    if total is not None and total < shortest * len(lengths):
+    if total is not None and total < shortest * max(len(lengths), target or 0):
         total = None
+    while target is not None and len(lengths) < target:
+        # slots nothing else accounts for: the even share of the tokens left (the longest possible
+        # end below it), else the shortest length so far
+        missing = target - len(lengths)
+        share = (total - sum(lengths)) // missing if total is not None else min(lengths)
+        lengths.append(max([e for e in [*ends, n_pos] if shortest <= e <= share], default=min(lengths)))
+    lengths = sorted(lengths, reverse=True)[: target or len(lengths)]
     # hard lower bounds only: without a placement, candidate counts overstate the tokens at a position
     bound = need if occ is not None else [1] * n_pos
     return LengthModel(sorted(lengths, reverse=True), sorted(set(ends) | {n_pos}), certain, bound, total)
@@ -584,6 +588,7 @@ def _encoder_lengths(
 
 COPY = 1e3  # search cost of making a slot a copy of another sequence
 SLICE = 2.0  # seconds a length hypothesis gets at least (a third of what is left at most otherwise)
+SHAKE = 0.25  # share of free tokens an iterated-local-search restart redraws
 PER_HYPOTHESIS = 3  # restarts of the encoder search per length hypothesis (lengths unknown)
 HYPOTHESES = 48  # length lists tried per peel of the encoder search, closest to the estimate first
 NODES = 200_000  # search nodes spent enumerating them
@@ -638,18 +643,24 @@ def _length_hypotheses(model: LengthModel, estimate: list[int], frozen: list[int
     left = None if model.total is None else model.total - sum(frozen)
     # the estimate covers each position's need with the shortest lengths that reach it, so it is
     # (nearly always) a lower bound slot by slot: lengths at or above it are tried first
+    # (the fallback without the total only where nothing adds up to it)
+    out: list[list[int]] = []
     for total, floor in [(left, True), (left, False), (None, False)] if left is not None else [(None, False)]:
+        if total is None and out:
+            break
         found: dict[tuple[int, ...], int] = {}
         for radius in (0, 1, 2, 3, 5, 8, 13, n_pos):
             enumerate_within(radius, total, floor, found)
             if len(found) >= HYPOTHESES:
                 break
-        if found:  # fewest slots moved first, then the smallest moves
-            ranked = sorted(
-                found, key=lambda h: (sum(a != b for a, b in zip(h, estimate, strict=True)), found[h], h)
-            )
-            return [list(h) for h in ranked[:HYPOTHESES]]
-    return [sorted(estimate, reverse=True)]
+        # fewest slots moved first, then the smallest moves
+        ranked = sorted(
+            found, key=lambda h: (sum(a != b for a, b in zip(h, estimate, strict=True)), found[h], h)
+        )
+        out += [list(h) for h in ranked if list(h) not in out]
+        if len(out) >= HYPOTHESES:
+            break
+    return out[:HYPOTHESES] or [sorted(estimate, reverse=True)]
 
 
 class _EncoderSearch:
@@ -702,7 +713,10 @@ class _EncoderSearch:
         for restart in range(restarts):
             if best is not None and time.perf_counter() > self.deadline:
                 break
-            seqs = state.start(self.rng if restart else None)
+            if restart % 2 == 0 or best is None:
+                seqs = state.start(self.rng if restart else None)
+            else:  # iterated local search: shake the best state's open sequences and descend again
+                seqs = state.shake(best[0], self.rng)
             if len(seqs) == 1 and not frozen and not any(len(o) > 1 for o in self.options):
                 return seqs, float(self.cost(seqs).sum())
             seqs, total = state.descend(seqs, cover)
@@ -767,20 +781,33 @@ class _SearchState:
                 seqs[self.free[p][r]][p] = fill[k % len(fill)]
         return seqs
 
+    def shake(self, seqs: list[list[int]], rng: np.random.Generator) -> list[list[int]]:
+        """A copy of `seqs` with a share SHAKE of the open sequences' free tokens redrawn."""
+        out = [list(x) for x in seqs]
+        for p in range(self.width):
+            for i in self.free[p]:
+                if rng.random() < SHAKE:
+                    out[i][p] = int(rng.choice(self.s.options[p]))
+        return out
+
     def sweep(self, seqs: list[list[int]], cover: bool = True) -> bool:
         """Hungarian re-assignment of each position's tokens, all else fixed; with `cover` the
         required tokens are each held by some live sequence."""
         s, changed = self.s, False
         settled = SETTLED * s.threshold
         now = s.residuals(seqs)
+        # sequences in span everywhere keep their tokens (and cover what they hold)
+        done = {i for i in range(self.n) if float(torch.nan_to_num(now[i], posinf=0.0).max()) < settled}
         for p in range(self.width):
             if time.perf_counter() > s.deadline:
                 break
-            rows, toks = self.free[p], s.options[p]
+            rows, toks = [i for i in self.free[p] if i not in done], s.options[p]
             if not rows or not toks or (len(toks) == 1 and all(seqs[i][p] == toks[0] for i in rows)):
                 continue
             if not changed and all(float(now[i, p]) < settled for i in rows):
                 continue  # every live sequence is in span here (residuals valid until a change)
+            held = {seqs[i][p] for i in self.free[p] if i in done}
+            must = [t for t in self.must[p] if t not in held] if cover else []
             if s.scorer is not None:
                 c = s.scorer.substitutions([seqs[i] for i in rows], p, toks).numpy()
             else:
@@ -793,7 +820,7 @@ class _SearchState:
                 c = s.cost(trial).reshape(len(rows), len(toks)).numpy()
             c = c + self.copies(seqs, rows, p, toks)
             spread = cover and s.cands.occurrences is None
-            for r, t in enumerate(_assign(c, toks, self.must[p] if cover else [], distinct=spread)):
+            for r, t in enumerate(_assign(c, toks, must, distinct=spread)):
                 if seqs[rows[r]][p] != t:
                     seqs[rows[r]][p] = t
                     changed = True
@@ -962,6 +989,8 @@ def _assemble_encoder(
                 done.append(s)
         if not done:
             h += 1
+            if h == len(hypotheses) and time.perf_counter() < deadline:
+                h = 0  # every hypothesis tried: again, from other random starts, while time is left
             continue
         frozen += done
         lengths, estimate = list(lengths), list(estimate)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 AGREE = 1e-3  # the re-implementation must match the model's contexts to this relative error
 CHUNK = 256  # sequences per batched evaluation
+SKETCH = 64  # dimensions of the span complement's random projection that substitutions are ranked in
 
 
 class AttentionScorer:
@@ -41,6 +42,16 @@ class AttentionScorer:
         self.index: dict[tuple[int, int], int] = {}
         self.dtype = next(victim.model.parameters()).dtype
         d = victim.hidden_size
+        # the search ranks substitutions by their distance to the span, which a random projection
+        # of the span's complement to SKETCH dimensions preserves to about 1/sqrt(SKETCH) (Johnson-
+        # Lindenstrauss): true tokens sit orders of magnitude below false ones either way
+        comp = span.complement
+        if comp.shape[1] > SKETCH:
+            gen = torch.Generator().manual_seed(0)
+            comp = comp @ (
+                torch.randn(comp.shape[1], SKETCH, generator=gen, dtype=torch.float64) / SKETCH**0.5
+            )
+        self.sketch = comp.contiguous()
         self.q = torch.zeros((0, d), dtype=torch.float64)
         self.k = torch.zeros((0, d), dtype=torch.float64)
         self.v = torch.zeros((0, d), dtype=torch.float64)
@@ -139,8 +150,8 @@ class AttentionScorer:
         return out.masked_fill(~mask[..., None], 0.0)
 
     def substitutions(self, seqs: list[list[int]], position: int, tokens: list[int]) -> torch.Tensor:
-        """(n, T) summed span residuals of each sequence with its token at `position` replaced by
-        each of `tokens` (every sequence must reach `position`).
+        """(n, T) summed span residuals (estimated in the sketch) of each sequence with its token at
+        `position` replaced by each of `tokens` (every sequence must reach `position`).
 
         Incremental: a substitution changes one key and one value, so at every other position the
         softmax numerator and denominator change by one term each; the context's distance to the
@@ -150,11 +161,16 @@ class AttentionScorer:
         self._ensure([(t, position) for t in tokens])
         rows, mask = self._rows(seqs)
         heads, d = self.heads, self.victim.hidden_size
-        comp = self.span.complement.view(heads, d // heads, -1)  # (H, dh, m)
+        comp = self.sketch.view(heads, d // heads, -1)  # (H, dh, m)
         scale = 1.0 / math.sqrt(d // heads)
-        q, k, v = (self._heads(m[rows]) for m in (self.q, self.k, self.v))  # (n, H, L, dh)
+        # float32 throughout: the distances it ranks span orders of magnitude (true tokens ~1e-6,
+        # false ones ~1e-2); whether a sequence is solved is decided by `residuals`
+        f = torch.float32
+        q, k, v = (self._heads(m[rows].to(f)) for m in (self.q, self.k, self.v))  # (n, H, L, dh)
         sub = torch.tensor([self.index[(t, position)] for t in tokens])
-        q2, k2, v2 = (m[sub].view(len(tokens), heads, -1) for m in (self.q, self.k, self.v))  # (T, H, dh)
+        q2, k2, v2 = (
+            m[sub].to(f).view(len(tokens), heads, -1) for m in (self.q, self.k, self.v)
+        )  # (T, H, dh)
         keys = mask[:, None, None, :]
         scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~keys, float("-inf"))
         top = scores.amax(dim=-1)  # (n, H, L)
@@ -166,10 +182,11 @@ class AttentionScorer:
         b = (torch.einsum("nhld,thd->nthl", q, k2) * scale - top[:, None]).exp()  # (n, T, H, L): the new one
         inv = 1.0 / (den[:, None] - a + b)
         # context = (num - a vp + b v2) * inv per head; its projection on the complement, and its norm
+        c32 = comp.to(f)
         proj = (
-            torch.einsum("nthl,nhlm->ntlm", inv, torch.einsum("nhld,hdm->nhlm", num, comp))
-            - torch.einsum("nthl,nhm->ntlm", a * inv, torch.einsum("nhd,hdm->nhm", vp, comp))
-            + torch.einsum("nthl,thm->ntlm", b * inv, torch.einsum("thd,hdm->thm", v2, comp))
+            torch.einsum("nthl,nhlm->ntlm", inv, torch.einsum("nhld,hdm->nhlm", num, c32))
+            - torch.einsum("nthl,nhm->ntlm", a * inv, torch.einsum("nhd,hdm->nhm", vp, c32))
+            + torch.einsum("nthl,thm->ntlm", b * inv, torch.einsum("thd,hdm->thm", v2, c32))
         )  # (n, T, L, m)
         nv = torch.einsum("nhld,nhd->nhl", num, vp)[:, None]
         nw = torch.einsum("nhld,thd->nthl", num, v2)
@@ -185,9 +202,9 @@ class AttentionScorer:
         own[..., position] = (q2 * k2).sum(-1)[None] * scale
         w = own.masked_fill(~keys, float("-inf")).softmax(dim=-1)  # (n, T, H, L)
         at = torch.einsum("nthl,nhld->nthd", w, v) + w[..., position, None] * (v2[None] - vp[:, None])
-        proj[:, :, position] = torch.einsum("nthd,hdm->ntm", at, comp)
+        proj[:, :, position] = torch.einsum("nthd,hdm->ntm", at, c32)
         norm[:, :, position] = at.pow(2).sum(dim=(-1, -2))
-        res = proj.norm(dim=-1) / norm.sqrt().clamp_min(1e-300)
+        res = proj.double().norm(dim=-1) / norm.double().sqrt().clamp_min(1e-300)
         return res.masked_fill(~mask[:, None, :], 0.0).sum(dim=-1)
 
     def residuals(self, seqs: list[list[int]]) -> torch.Tensor:

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 ACCEPT = 1e-3  # largest relative span residual of a present candidate (float64 updates)
 ACCEPT_FLOAT32 = 2e-2  # the same for updates computed in float32
-MARGIN = 30.0  # present candidates lie within this factor of the run's typical best residual
+MARGIN = 1000.0  # present candidates lie within this factor of the run's typical best residual
 CONTEXT_GAP = 4.0  # the context check's span may be cut at a weaker gap (its rows' own rounding)
 CHUNK = 4096
 MAX_PREFIXES = 2048

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gradleak.attacks import AttackOptions, Knowledge, get_attack
-from gradleak.attacks.exact import LengthModel, _assign, _length_hypotheses
+from gradleak.attacks.encoder_search import assign
+from gradleak.attacks.lengths import LengthModel, length_hypotheses
 from gradleak.attacks.scorer import AttentionScorer
 from gradleak.attacks.spans import span_of
 from gradleak.attacks.structure import attention_projections, gradient_rows, mixing_projections
@@ -80,8 +81,8 @@ def test_required_tokens_are_each_held_and_other_rows_take_their_best():
     cost = np.array([[0.0, 5.0, 9.0], [0.0, 6.0, 9.0], [0.0, 9.0, 1.0]])
     toks = [10, 11, 12]
     # without requirements every row takes token 10; requiring 11 and 12 moves two rows
-    assert _assign(cost, toks, []) == [10, 10, 10]
-    got = _assign(cost, toks, [11, 12])
+    assert assign(cost, toks, []) == [10, 10, 10]
+    got = assign(cost, toks, [11, 12])
     assert sorted(got) == [10, 11, 12] and got[2] == 12 and got[0] == 11
 
 
@@ -93,13 +94,13 @@ def test_length_hypotheses_respect_the_total_the_certain_ends_and_the_estimate()
         need=[4] * 5 + [2] * 3 + [1] * 2,
         total=32,
     )
-    hyps = _length_hypotheses(model, model.estimate, [])
+    hyps = length_hypotheses(model, model.estimate, [])
     assert hyps and all(sum(h) == 32 and len(h) == 4 for h in hyps)
     assert all(8 in h and 10 in h and h[0] == 10 for h in hyps)
     assert all(all(a >= b for a, b in zip(h, model.estimate, strict=True)) for h in hyps[:3])
     assert [10, 8, 7, 7] in hyps and [10, 8, 8, 6] in hyps and [10, 9, 8, 5] in hyps
     # beside a solved sequence of length 8, three slots are left for 24 tokens
-    left = _length_hypotheses(model, [10, 6, 5], [8])
+    left = length_hypotheses(model, [10, 6, 5], [8])
     assert all(sum(h) == 24 and len(h) == 3 and h[0] == 10 for h in left)
 
 

@@ -162,7 +162,8 @@ def test_cli_refuses_too_many_tokens_with_one_line(tmp_path):
 
 
 def test_encoder_lengths_never_shorter_than_the_template(minilm):
-    from gradleak.attacks.exact import Candidates, _encoder_lengths
+    from gradleak.attacks.context import Candidates
+    from gradleak.attacks.lengths import encoder_lengths
     from gradleak.attacks.matching import special_template
 
     prefix, suffix = special_template(minilm.tokenizer)
@@ -170,7 +171,7 @@ def test_encoder_lengths_never_shorter_than_the_template(minilm):
     # under noise the closing token may rank among the candidates of position 0
     tokens = [torch.tensor([prefix[0], sep]), torch.tensor([2023, sep]), torch.tensor([sep])]
     cands = Candidates(tokens, [torch.zeros(len(t)) for t in tokens])
-    lengths = _encoder_lengths(minilm, cands, Knowledge(batch_size=2)).estimate
+    lengths = encoder_lengths(minilm, cands, Knowledge(batch_size=2)).estimate
     assert min(lengths) >= len(prefix) + len(suffix)
     assert len(lengths) == 2
 

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from gradleak.attacks.context import pad
 from gradleak.attacks.spans import Span, residual
 from gradleak.attacks.structure import Projection, capture_input
 from gradleak.victims import Victim
@@ -123,7 +124,7 @@ class AttentionScorer:
             seqs.append(
                 [tokens_at[p][int(torch.randint(len(tokens_at[p]), (1,), generator=gen))] for p in range(n)]
             )
-        ids, mask = _pad(self.victim, seqs)
+        ids, mask = pad(self.victim, seqs)
         try:
             want = capture_input(self.victim, context, ids, attention_mask=mask).double()
         except (IndexError, RuntimeError) as exc:  # pragma: no cover - exotic models
@@ -241,13 +242,3 @@ def _project(
         q, k, v = outs[0].split(outs[0].shape[-1] // 3, dim=-1)
         return q.contiguous(), k.contiguous(), v.contiguous()
     return None
-
-
-def _pad(victim: Victim, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids.to(victim.device), mask.to(victim.device)

@@ -123,3 +123,22 @@ def test_minilm_batch_of_eight_with_lengths_unknown(minilm, make_victim_batch):
         )
         scores = score_reconstruction(minilm, batch, rec)
         assert scores.exact_match == 100.0, (batch.texts, rec.texts)
+
+
+def test_noisy_update_with_empty_positions_is_searched_without_error(minilm):
+    """Under noise some positions keep no candidate; the search's shakes must pass over them
+    (regression: `rng.choice` on an empty list)."""
+    from gradleak.experiment import RunSpec, run_one
+
+    spec = RunSpec(
+        victim="minilm",
+        data="cola",
+        batch_size=4,
+        attack="exact",
+        defenses=("gaussian:sigma=1e-4",),
+        time_budget=5,
+        seed=0,
+    )
+    record = run_one(spec)
+    assert 0.0 <= record.scores.rouge1 <= 100.0
+    assert any("perturbed update" in n for n in record.notes)

@@ -159,6 +159,8 @@ class _SearchState:
         """A copy of `seqs` with a share SHAKE of the open sequences' free tokens redrawn."""
         out = [list(x) for x in seqs]
         for p in range(self.width):
+            if not self.s.options[p]:
+                continue
             for i in self.free[p]:
                 if rng.random() < SHAKE:
                     out[i][p] = int(rng.choice(self.s.options[p]))

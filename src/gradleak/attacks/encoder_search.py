@@ -130,6 +130,9 @@ class _SearchState:
             for k, t in enumerate(search.suffix):
                 self.base[i][length - len(search.suffix) + k] = t
                 self.fixed[i][length - len(search.suffix) + k] = True
+        while len(search.options) < width:  # known lengths may reach past the positions found occupied
+            search.options.append([])
+            search.allowed.append(set())
         opts = search.options
         self.free = [
             [i for i in range(n) if p < self.lengths[i] and not self.fixed[i][p]] for p in range(width)

@@ -151,7 +151,9 @@ class _SearchState:
                 continue
             order = rng.permutation(len(self.free[p])) if rng is not None else np.arange(len(self.free[p]))
             rest = [t for t in toks if t not in self.must[p]]
-            if rng is not None and rest:
+            if rng is not None and rest and self.s.cands.occurrences is not None:
+                # with a placement the rest are unplaced tokens in no useful order; without one
+                # (withheld embeddings, noise) they come ranked, and the best ranked start
                 rest = [rest[k] for k in rng.permutation(len(rest))]
             fill = [*self.must[p], *rest] or toks
             for k, r in enumerate(order):

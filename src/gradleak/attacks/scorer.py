@@ -6,7 +6,9 @@ span the contexts that occurred, so a sequence whose contexts all lie in that sp
 a true one. The search scores many sequences that differ in one token; running the model for each
 repeats the query/key/value projections of every token. Those depend on the (token, position) pair
 alone (the layer input is LayerNorm(word + position + type)), so `AttentionScorer` computes them
-once per pair and only the attention itself per sequence: about six times less work on MiniLM.
+once per pair and only the attention itself per sequence; a substitution of one token updates the
+other positions' softmax sums by one term each (`substitutions`), and its distance to the span is
+estimated on a random sketch of the span's complement.
 
 It re-implements standard scaled dot-product attention, so it checks itself against the model on
 probe sequences when built and declines (returns None) where they differ: relative position

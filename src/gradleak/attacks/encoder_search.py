@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 RESTARTS = 12  # seeded starts of the encoder search, while its time budget lasts
 SETTLED = 1e-3  # a sequence whose span residual at a position is below SETTLED * threshold is settled there
-SOLVED = 1e-3  # a restart whose total residual is below SOLVED * threshold * B needs no other
+SOLVED = 1e-3  # a sequence whose summed residual is below SOLVED * threshold is left alone by swaps
 COPY = 1e3  # search cost of making a slot a copy of another sequence
 SLICE = 2.0  # seconds a length hypothesis gets at least (a third of what is left at most otherwise)
 SHAKE = 0.25  # share of free tokens an iterated-local-search restart redraws
@@ -78,7 +78,7 @@ class _EncoderSearch:
         return [bool(r.max() < SETTLED * self.threshold) for r in res]
 
     def run(
-        self, lengths: list[int], frozen: list[list[int]], restarts: int, cover: bool = True
+        self, lengths: list[int], frozen: list[list[int]], restarts: int
     ) -> tuple[list[list[int]], float]:
         """The best of `restarts` descents for open slots of these lengths beside the `frozen`
         sequences; stops early once a restart solves a sequence."""
@@ -93,7 +93,7 @@ class _EncoderSearch:
                 seqs = state.shake(best[0], self.rng)
             if len(seqs) == 1 and not frozen and not any(len(o) > 1 for o in self.options):
                 return seqs, float(self.cost(seqs).sum())
-            seqs, total = state.descend(seqs, cover)
+            seqs, total = state.descend(seqs)
             if best is None or total < best[1]:
                 best = (seqs, total)
             if any(self.solved(seqs[len(frozen) :])):

@@ -22,6 +22,7 @@ from gradleak.attacks.base import Knowledge
 from gradleak.attacks.context import Candidates, ContextCheck, context_residuals
 from gradleak.attacks.lengths import encoder_lengths, length_hypotheses
 from gradleak.attacks.matching import special_template
+from gradleak.attacks.relaxation import relaxed_start
 from gradleak.attacks.scorer import AttentionScorer
 from gradleak.attacks.structure import attention_projections, mixing_projections
 from gradleak.victims import Victim
@@ -34,6 +35,8 @@ SOLVED = 1e-3  # a sequence whose summed residual is below SOLVED * threshold is
 COPY = 1e3  # search cost of making a slot a copy of another sequence
 SLICE = 2.0  # seconds a length hypothesis gets at least (a third of what is left at most otherwise)
 SHAKE = 0.25  # share of free tokens an iterated-local-search restart redraws
+STALL = 0.03  # a descent stops when a round lowers its cost by less than this share (and solves nothing)
+VERIFY = 4  # moves ranked best by the sketched estimate that are scored exactly
 PER_HYPOTHESIS = 3  # restarts of the encoder search per length hypothesis (lengths unknown)
 
 
@@ -71,6 +74,27 @@ class _EncoderSearch:
         res = self.residuals(seqs)
         return torch.where(torch.isinf(res), torch.zeros_like(res), res).sum(dim=1)
 
+    def estimate(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Summed residuals per sequence, estimated (sketched) where a scorer can: for ranking many
+        moves, of which the best few are then scored exactly with `cost`."""
+        if self.scorer is not None:
+            return self.scorer.estimates(seqs).sum(dim=1).double()
+        return self.cost(seqs)
+
+    def best(self, trial: list[list[int]], before: torch.Tensor, group: int = 1) -> int | None:
+        """Index of the group of `group` consecutive trial sequences that lowers the summed cost
+        most below `before` (one value per group), or None: ranked by `estimate`, the best VERIFY
+        checked exactly."""
+        n = len(trial) // group
+        est = self.estimate(trial).reshape(n, group).sum(dim=1)
+        # sketched and exact residuals differ by a factor, so the gain is judged on exact ones
+        picked = torch.argsort(est)[: VERIFY if self.scorer is not None else 1].tolist()
+        exact = self.cost([trial[k * group + j] for k in picked for j in range(group)])
+        exact = exact.reshape(len(picked), group).sum(dim=1)
+        gain = before[picked] - exact
+        j = int(torch.argmax(gain))
+        return picked[j] if float(gain[j]) > 1e-12 else None
+
     def solved(self, seqs: list[list[int]]) -> list[bool]:
         """Whether each sequence's contexts all lie in the span (to the update's rounding)."""
         res = self.residuals(seqs)
@@ -96,8 +120,12 @@ class _EncoderSearch:
             seqs, total = state.descend(seqs)
             if best is None or total < best[1]:
                 best = (seqs, total)
-            if any(self.solved(seqs[len(frozen) :])):
-                break
+            if any(
+                ok and x not in seqs[:i]
+                for i, (x, ok) in enumerate(zip(seqs, self.solved(seqs), strict=True))
+                if i >= len(frozen)
+            ):
+                break  # a new sequence (not a copy) is solved
         assert best is not None
         return best[0][len(frozen) :], best[1]
 
@@ -144,6 +172,11 @@ class _SearchState:
         ]
 
     def start(self, rng: np.random.Generator | None) -> list[list[int]]:
+        """A start for the open sequences: relaxed (`relaxation.relaxed_start`) where a scorer and a
+        placement allow, else each position's required tokens first and the rest in turn."""
+        if self.s.scorer is not None and self.s.cands.occurrences is not None:
+            # (without a placement the candidates are most of the vocabulary: too many to relax)
+            return self.relaxed(rng)
         seqs = [list(s) for s in self.base]
         for p in range(self.width):
             toks = self.s.options[p]
@@ -159,6 +192,25 @@ class _SearchState:
             for k, r in enumerate(order):
                 seqs[self.free[p][r]][p] = fill[k % len(fill)]
         return seqs
+
+    def relaxed(self, rng: np.random.Generator | None) -> list[list[int]]:
+        """The open sequences from a relaxed start; where the open sequences alive at a position
+        must hold as many required tokens as they are, those are their only choices there."""
+        assert self.s.scorer is not None
+        choices = []
+        for i in range(self.n_frozen, self.n):
+            row, options = self.base[i], []
+            for p in range(len(row)):
+                if self.fixed[i][p] or not self.s.options[p]:
+                    options.append([row[p]])
+                elif self.must[p] and len(self.must[p]) >= len(self.free[p]):
+                    options.append(self.must[p])  # the open sequences here hold the required tokens
+                else:
+                    options.append(self.s.options[p])
+            choices.append(options)
+        seed = int((rng or self.s.rng).integers(2**31))
+        found = relaxed_start(self.s.scorer, choices, torch.Generator().manual_seed(seed))
+        return [list(s) for s in self.base[: self.n_frozen]] + found
 
     def shake(self, seqs: list[list[int]], rng: np.random.Generator) -> list[list[int]]:
         """A copy of `seqs` with a share SHAKE of the open sequences' free tokens redrawn."""
@@ -178,7 +230,11 @@ class _SearchState:
         settled = SETTLED * s.threshold
         now = s.residuals(seqs)
         # sequences in span everywhere keep their tokens (and cover what they hold)
-        done = {i for i in range(self.n) if float(torch.nan_to_num(now[i], posinf=0.0).max()) < settled}
+        done = {
+            i
+            for i in range(self.n)
+            if float(torch.nan_to_num(now[i], posinf=0.0).max()) < settled and seqs[i] not in seqs[:i]
+        }
         for p in range(self.width):
             if time.perf_counter() > s.deadline:
                 break
@@ -245,10 +301,8 @@ class _SearchState:
                     trial.extend((x, y))
         if not moves:
             return False
-        c = s.cost(trial).reshape(len(moves), 2)
-        gain = torch.tensor([float(current[a] + current[b]) for a, b, _ in moves]) - c.sum(dim=1)
-        k = int(torch.argmax(gain))
-        if float(gain[k]) <= 1e-12:
+        k = s.best(trial, torch.tensor([float(current[a] + current[b]) for a, b, _ in moves]), group=2)
+        if k is None:
             return False
         a, b, _ = moves[k]
         seqs[a], seqs[b] = trial[2 * k], trial[2 * k + 1]
@@ -291,21 +345,28 @@ class _SearchState:
                     trial.append(t)
             if not trial:
                 continue
-            c = s.cost(trial)
-            k = int(torch.argmin(c))
-            if float(c[k]) < float(current[i]) - 1e-12:
+            k = s.best(trial, current[i].repeat(len(trial)))
+            if k is not None:
                 seqs[i] = trial[k]
                 changed = True
         return changed
 
     def descend(self, seqs: list[list[int]], cover: bool = True) -> tuple[list[list[int]], float]:
+        """Rounds of sweeps, a crossover and swaps until none moves, or a round gains less than
+        STALL of the cost without solving another sequence (a descent into a poor basin gives up)."""
+        last, solved = float("inf"), 0
         for _round in range(2 * self.n):
             if time.perf_counter() > self.s.deadline:
                 break
             for _sweep in range(8):
                 if not self.sweep(seqs, cover):
                     break
-            moved = self.crossover(seqs, self.s.cost(seqs))
+            cost = self.s.cost(seqs)
+            now, n_solved = float(cost.sum()), int((cost < SOLVED * self.s.threshold).sum())
+            if now > (1 - STALL) * last and n_solved <= solved:
+                break
+            last, solved = now, n_solved
+            moved = self.crossover(seqs, cost)
             moved = self.swap(seqs) or moved
             if not moved:
                 break
@@ -376,13 +437,22 @@ def assemble_encoder(
         frozen += done
         lengths, estimate = list(lengths), list(estimate)
         for s in done:  # the slots left: the hypothesis's lengths, and their estimates, less the solved
-            k = lengths.index(len(s))
+            if not lengths:
+                break
+            k = min(range(len(lengths)), key=lambda j: abs(lengths[j] - len(s)))  # its slot, or the closest
             del lengths[k], estimate[k]
         best = None
         hypotheses, h = length_hypotheses(model, estimate, [len(s) for s in frozen]), 0
     if len(frozen) == len(model.estimate) or best is None:
         return frozen
-    return frozen + search.polish(best[0], frozen)
+    rest = search.polish(best[0], frozen)
+    if len(frozen) + len(rest) > len(model.estimate):  # alternates too: the best of them fill the slots
+        cost = search.cost(rest)
+        keep = sorted(
+            sorted(range(len(rest)), key=lambda i: float(cost[i]))[: len(model.estimate) - len(frozen)]
+        )
+        rest = [rest[i] for i in keep]
+    return frozen + rest
 
 
 def required(

@@ -55,9 +55,11 @@ class AttentionScorer:
                 torch.randn(comp.shape[1], SKETCH, generator=gen, dtype=torch.float64) / SKETCH**0.5
             )
         self.sketch = comp.contiguous()
+        self.sketch32 = self.sketch.to(torch.float32)
         self.q = torch.zeros((0, d), dtype=torch.float64)
         self.k = torch.zeros((0, d), dtype=torch.float64)
         self.v = torch.zeros((0, d), dtype=torch.float64)
+        self.f32 = (self.q.float(), self.k.float(), self.v.float())  # the tables in float32, for ranking
 
     @classmethod
     def build(
@@ -106,6 +108,7 @@ class AttentionScorer:
         self.q = torch.cat([self.q, *(q for q, _, _ in parts)])
         self.k = torch.cat([self.k, *(k for _, k, _ in parts)])
         self.v = torch.cat([self.v, *(v for _, _, v in parts)])
+        self.f32 = tuple(m.to(torch.float32) for m in (self.q, self.k, self.v))
 
     def _rows(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         self._ensure([(t, p) for s in seqs for p, t in enumerate(s)])
@@ -164,16 +167,13 @@ class AttentionScorer:
         self._ensure([(t, position) for t in tokens])
         rows, mask = self._rows(seqs)
         heads, d = self.heads, self.victim.hidden_size
-        comp = self.sketch.view(heads, d // heads, -1)  # (H, dh, m)
+        c32 = self.sketch32.view(heads, d // heads, -1)  # (H, dh, m)
         scale = 1.0 / math.sqrt(d // heads)
         # float32 throughout: the distances it ranks span orders of magnitude (true tokens ~1e-6,
         # false ones ~1e-2); whether a sequence is solved is decided by `residuals`
-        f = torch.float32
-        q, k, v = (self._heads(m[rows].to(f)) for m in (self.q, self.k, self.v))  # (n, H, L, dh)
+        q, k, v = (self._heads(m[rows]) for m in self.f32)  # (n, H, L, dh)
         sub = torch.tensor([self.index[(t, position)] for t in tokens])
-        q2, k2, v2 = (
-            m[sub].to(f).view(len(tokens), heads, -1) for m in (self.q, self.k, self.v)
-        )  # (T, H, dh)
+        q2, k2, v2 = (m[sub].view(len(tokens), heads, -1) for m in self.f32)  # (T, H, dh)
         keys = mask[:, None, None, :]
         scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~keys, float("-inf"))
         top = scores.amax(dim=-1)  # (n, H, L)
@@ -185,7 +185,6 @@ class AttentionScorer:
         b = (torch.einsum("nhld,thd->nthl", q, k2) * scale - top[:, None]).exp()  # (n, T, H, L): the new one
         inv = 1.0 / (den[:, None] - a + b)
         # context = (num - a vp + b v2) * inv per head; its projection on the complement, and its norm
-        c32 = comp.to(f)
         proj = (
             torch.einsum("nthl,nhlm->ntlm", inv, torch.einsum("nhld,hdm->nhlm", num, c32))
             - torch.einsum("nthl,nhm->ntlm", a * inv, torch.einsum("nhd,hdm->nhm", vp, c32))
@@ -209,6 +208,27 @@ class AttentionScorer:
         norm[:, :, position] = at.pow(2).sum(dim=(-1, -2))
         res = proj.double().norm(dim=-1) / norm.double().sqrt().clamp_min(1e-300)
         return res.masked_fill(~mask[:, None, :], 0.0).sum(dim=-1)
+
+    def estimates(self, seqs: list[list[int]]) -> torch.Tensor:
+        """(n, L) span residuals of the sequences' contexts estimated in the sketch, in float32 (as
+        `substitutions` ranks them), 0 at padding: for ranking many candidate moves, whose best is
+        then scored exactly with `residuals`."""
+        heads, d = self.heads, self.victim.hidden_size
+        c32 = self.sketch32
+        out = []
+        width = max(len(s) for s in seqs)
+        for start in range(0, len(seqs), CHUNK):
+            rows, mask = self._rows(seqs[start : start + CHUNK])
+            n, length = rows.shape
+            q, k, v = (self._heads(m[rows]) for m in self.f32)
+            scores = (q @ k.transpose(-1, -2) / math.sqrt(d // heads)).masked_fill(
+                ~mask[:, None, None, :], float("-inf")
+            )
+            ctx = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(n, length, -1)
+            res = (ctx @ c32).norm(dim=-1) / ctx.norm(dim=-1).clamp_min(1e-30)
+            res = res.masked_fill(~mask, 0.0)
+            out.append(torch.nn.functional.pad(res, (0, width - length)))
+        return torch.cat(out)
 
     def residuals(self, seqs: list[list[int]]) -> torch.Tensor:
         """(n, L) span residuals of the sequences' contexts, inf at padding."""

@@ -29,13 +29,9 @@ def minilm_batch(minilm, make_victim_batch):
     return batch, span, seqs
 
 
-def test_context_span_rank_is_the_batch_token_count(minilm, minilm_batch):
-    batch, span, _ = minilm_batch
-    assert not span.full
-    assert span.rank == sum(batch.lengths)
-
-
-def test_scorer_matches_the_model_and_substitutions_track_whole_sequences(minilm, minilm_batch):
+@pytest.fixture(scope="module")
+def minilm_scorer(minilm, minilm_batch):
+    """A scorer for the batch's tokens at each position and one stranger (token 2000 + p)."""
     _, span, seqs = minilm_batch
     width = max(len(s) for s in seqs)
     tokens_at = [sorted({s[p] for s in seqs if p < len(s)} | {2000 + p}) for p in range(width)]
@@ -43,6 +39,18 @@ def test_scorer_matches_the_model_and_substitutions_track_whole_sequences(minilm
         minilm, attention_projections(minilm, 0), mixing_projections(minilm, 0)[0], span, tokens_at
     )
     assert scorer is not None
+    return scorer, tokens_at
+
+
+def test_context_span_rank_is_the_batch_token_count(minilm, minilm_batch):
+    batch, span, _ = minilm_batch
+    assert not span.full
+    assert span.rank == sum(batch.lengths)
+
+
+def test_scorer_matches_the_model_and_substitutions_track_whole_sequences(minilm_batch, minilm_scorer):
+    _, _, seqs = minilm_batch
+    scorer, tokens_at = minilm_scorer
     true = scorer.residuals(seqs)
     assert float(true[torch.isfinite(true)].max()) < 1e-4  # the batch's own contexts lie in the span
     for p in (1, 3, 6):
@@ -149,14 +157,9 @@ def test_noisy_update_with_empty_positions_is_searched_without_error(minilm, sig
     assert any("perturbed update" in n for n in record.notes), record.notes
 
 
-def test_sketched_estimates_track_exact_residuals(minilm, minilm_batch):
-    _, span, seqs = minilm_batch
-    width = max(len(s) for s in seqs)
-    tokens_at = [sorted({s[p] for s in seqs if p < len(s)} | {2000 + p}) for p in range(width)]
-    scorer = AttentionScorer.build(
-        minilm, attention_projections(minilm, 0), mixing_projections(minilm, 0)[0], span, tokens_at
-    )
-    assert scorer is not None
+def test_sketched_estimates_track_exact_residuals(minilm_batch, minilm_scorer):
+    _, _, seqs = minilm_batch
+    scorer, _ = minilm_scorer
     wrong = [[s[0], *(2000 + p for p in range(1, len(s) - 1)), s[-1]] for s in seqs]
     exact = scorer.residuals([*seqs, *wrong])
     est = scorer.estimates([*seqs, *wrong])
@@ -168,16 +171,11 @@ def test_sketched_estimates_track_exact_residuals(minilm, minilm_batch):
     assert float(ratio.min()) > 0.6 and float(ratio.max()) < 1.5, ratio
 
 
-def test_relaxed_start_rounds_to_most_of_the_batch(minilm, minilm_batch):
+def test_relaxed_start_rounds_to_most_of_the_batch(minilm_batch, minilm_scorer):
     """Each sequence alone, every position choosing among the batch's tokens there and a stranger:
     the relaxation's rounding recovers most positions, without any discrete search."""
-    _, span, seqs = minilm_batch
-    width = max(len(s) for s in seqs)
-    tokens_at = [sorted({s[p] for s in seqs if p < len(s)} | {2000 + p}) for p in range(width)]
-    scorer = AttentionScorer.build(
-        minilm, attention_projections(minilm, 0), mixing_projections(minilm, 0)[0], span, tokens_at
-    )
-    assert scorer is not None
+    _, _, seqs = minilm_batch
+    scorer, tokens_at = minilm_scorer
     choices = [[[s[0]], *(tokens_at[p] for p in range(1, len(s) - 1)), [s[-1]]] for s in seqs]
     found = relaxed_start(scorer, choices, torch.Generator().manual_seed(0))
     assert [len(f) for f in found] == [len(s) for s in seqs]

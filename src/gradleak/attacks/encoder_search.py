@@ -74,21 +74,17 @@ class _EncoderSearch:
         res = self.residuals(seqs)
         return torch.where(torch.isinf(res), torch.zeros_like(res), res).sum(dim=1)
 
-    def estimate(self, seqs: list[list[int]]) -> torch.Tensor:
-        """Summed residuals per sequence, estimated (sketched) where a scorer can: for ranking many
-        moves, of which the best few are then scored exactly with `cost`."""
-        if self.scorer is not None:
-            return self.scorer.estimates(seqs).sum(dim=1).double()
-        return self.cost(seqs)
-
     def best(self, trial: list[list[int]], before: torch.Tensor, group: int = 1) -> int | None:
         """Index of the group of `group` consecutive trial sequences that lowers the summed cost
-        most below `before` (one value per group), or None: ranked by `estimate`, the best VERIFY
-        checked exactly."""
+        most below `before` (one value per group), or None. With a scorer the groups are ranked by
+        sketched estimates and the best VERIFY scored exactly (sketched and exact residuals differ
+        by a factor, so the gain is judged on exact ones); without one every group is scored."""
         n = len(trial) // group
-        est = self.estimate(trial).reshape(n, group).sum(dim=1)
-        # sketched and exact residuals differ by a factor, so the gain is judged on exact ones
-        picked = torch.argsort(est)[: VERIFY if self.scorer is not None else 1].tolist()
+        if self.scorer is None:
+            picked = list(range(n))
+        else:
+            est = self.scorer.estimates(trial).sum(dim=1).reshape(n, group).sum(dim=1)
+            picked = torch.argsort(est)[:VERIFY].tolist()
         exact = self.cost([trial[k * group + j] for k in picked for j in range(group)])
         exact = exact.reshape(len(picked), group).sum(dim=1)
         gain = before[picked] - exact
@@ -437,22 +433,13 @@ def assemble_encoder(
         frozen += done
         lengths, estimate = list(lengths), list(estimate)
         for s in done:  # the slots left: the hypothesis's lengths, and their estimates, less the solved
-            if not lengths:
-                break
-            k = min(range(len(lengths)), key=lambda j: abs(lengths[j] - len(s)))  # its slot, or the closest
+            k = lengths.index(len(s))
             del lengths[k], estimate[k]
         best = None
         hypotheses, h = length_hypotheses(model, estimate, [len(s) for s in frozen]), 0
     if len(frozen) == len(model.estimate) or best is None:
         return frozen
-    rest = search.polish(best[0], frozen)
-    if len(frozen) + len(rest) > len(model.estimate):  # alternates too: the best of them fill the slots
-        cost = search.cost(rest)
-        keep = sorted(
-            sorted(range(len(rest)), key=lambda i: float(cost[i]))[: len(model.estimate) - len(frozen)]
-        )
-        rest = [rest[i] for i in keep]
-    return frozen + rest
+    return frozen + search.polish(best[0], frozen)
 
 
 def required(

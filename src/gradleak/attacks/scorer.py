@@ -147,13 +147,19 @@ class AttentionScorer:
         """(n, L, d) attention contexts of the sequences, at the model's precision (zero rows at
         padding)."""
         rows, mask = self._rows(seqs)
-        n, width = rows.shape
         # at the model's own precision: the span's rounding is that of the model's contexts
-        q, k, v = (self._heads(m[rows].to(self.dtype)) for m in (self.q, self.k, self.v))
+        tables = tuple(m.to(self.dtype) for m in (self.q, self.k, self.v))
+        return self._attend(rows, mask, tables).masked_fill(~mask[..., None], 0.0)
+
+    def _attend(
+        self, rows: torch.Tensor, mask: torch.Tensor, tables: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """(n, L, d) attention contexts of the table rows `rows` (n, L) where `mask` holds."""
+        n, width = rows.shape
+        q, k, v = (self._heads(m[rows]) for m in tables)
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(n, width, -1)
-        return out.masked_fill(~mask[..., None], 0.0)
+        return (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(n, width, -1)
 
     def substitutions(self, seqs: list[list[int]], position: int, tokens: list[int]) -> torch.Tensor:
         """(n, T) summed span residuals (estimated in the sketch) of each sequence with its token at
@@ -213,21 +219,13 @@ class AttentionScorer:
         """(n, L) span residuals of the sequences' contexts estimated in the sketch, in float32 (as
         `substitutions` ranks them), 0 at padding: for ranking many candidate moves, whose best is
         then scored exactly with `residuals`."""
-        heads, d = self.heads, self.victim.hidden_size
-        c32 = self.sketch32
         out = []
         width = max(len(s) for s in seqs)
         for start in range(0, len(seqs), CHUNK):
             rows, mask = self._rows(seqs[start : start + CHUNK])
-            n, length = rows.shape
-            q, k, v = (self._heads(m[rows]) for m in self.f32)
-            scores = (q @ k.transpose(-1, -2) / math.sqrt(d // heads)).masked_fill(
-                ~mask[:, None, None, :], float("-inf")
-            )
-            ctx = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(n, length, -1)
-            res = (ctx @ c32).norm(dim=-1) / ctx.norm(dim=-1).clamp_min(1e-30)
-            res = res.masked_fill(~mask, 0.0)
-            out.append(torch.nn.functional.pad(res, (0, width - length)))
+            ctx = self._attend(rows, mask, self.f32)
+            res = (ctx @ self.sketch32).norm(dim=-1) / ctx.norm(dim=-1).clamp_min(1e-30)
+            out.append(torch.nn.functional.pad(res.masked_fill(~mask, 0.0), (0, width - rows.shape[1])))
         return torch.cat(out)
 
     def residuals(self, seqs: list[list[int]]) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from gradleak.attacks import AttackOptions, Knowledge, get_attack
 from gradleak.attacks.encoder_search import assign
-from gradleak.attacks.lengths import LengthModel, length_hypotheses
+from gradleak.attacks.lengths import HYPOTHESES, LengthModel, _fill, length_hypotheses
 from gradleak.attacks.relaxation import relaxed_start
 from gradleak.attacks.scorer import AttentionScorer
 from gradleak.attacks.spans import span_of
@@ -113,6 +113,38 @@ def test_length_hypotheses_respect_the_total_the_certain_ends_and_the_estimate()
     # beside a solved sequence of length 8, three slots are left for 24 tokens
     left = length_hypotheses(model, [10, 6, 5], [8])
     assert all(sum(h) == 24 and len(h) == 3 and h[0] == 10 for h in left)
+
+
+def test_length_hypotheses_come_in_order_of_squared_moves_and_failed_lengths_drop_back():
+    model = LengthModel(
+        estimate=[12, 9, 6, 5],
+        ends=list(range(3, 13)),
+        certain=[12],
+        need=[4] * 5 + [2] * 4 + [1] * 3,
+        total=35,
+    )
+    hyps = length_hypotheses(model, model.estimate, [])
+    cost = [sum((a - b) ** 2 for a, b in zip(h, model.estimate, strict=True)) for h in hyps]
+    assert cost == sorted(cost) and 6 <= len(hyps) <= HYPOTHESES
+    # three excess tokens spread over three slots before piled on one
+    assert cost[0] == 3 and hyps[0] in ([12, 10, 7, 6], [12, 10, 8, 5], [12, 9, 7, 7])
+    # a length that runs have tried twice without solving anything of it falls behind
+    demoted = length_hypotheses(model, model.estimate, [], {10: 2})
+    assert 10 not in demoted[0] and sum(demoted[0]) == 35
+
+
+def test_water_filling_spreads_the_excess_over_the_short_slots_and_keeps_certain_ends():
+    ends = list(range(3, 21))
+    need = [8] * 4 + [3] * 6 + [2] * 6 + [1] * 4
+    complete = [False] * 20
+    got = _fill([20, 16, 10], 8, 100, ends, [20, 16], need, complete)
+    assert sum(got) == 100 and len(got) == 8 and got[:2] == [20, 16]
+    assert max(got[2:]) - min(got[2:]) <= 1  # the excess goes to the shortest first
+    # a complete position (11) whose count is met is crossed by one slot only, not by two
+    need = [8] * 4 + [3] * 6 + [2] * 6 + [1] * 4
+    assert _fill([20, 16, 11], 4, 60, ends, [20, 16], need, [False] * 20) == [20, 16, 12, 12]
+    complete = [p == 11 for p in range(20)]
+    assert _fill([20, 16, 11], 4, 60, ends, [20, 16], need, complete) == [20, 16, 13, 11]
 
 
 def test_span_cut_passes_over_a_drop_that_leaves_one_dimension():

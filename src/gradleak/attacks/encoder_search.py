@@ -404,15 +404,14 @@ def assemble_encoder(
     search = _EncoderSearch(victim, cands, check, threshold, deadline)
     frozen: list[list[int]] = []
     estimate = list(model.estimate)
-    hypotheses = length_hypotheses(model, estimate, [])
+    failed: dict[int, int] = {}  # per length, the runs that tried it and solved no sequence of it
     best: tuple[list[list[int]], float] | None = None
-    h = 0
     first = True
-    while h < len(hypotheses) and len(frozen) < len(model.estimate):
+    while len(frozen) < len(model.estimate):
         if not first and time.perf_counter() > deadline:
             log.info("encoder search stopped at its time budget with %d sequences solved", len(frozen))
             break
-        lengths = hypotheses[h]
+        lengths = length_hypotheses(model, estimate, [len(s) for s in frozen], failed)[0]
         now = time.perf_counter()
         search.deadline = min(deadline, now + max(SLICE, (deadline - now) / 3))  # let others be tried too
         seqs, total_cost = search.run(lengths, frozen, RESTARTS if model.known else PER_HYPOTHESIS)
@@ -425,18 +424,17 @@ def assemble_encoder(
         for s, ok in zip(seqs, search.solved(seqs), strict=True):
             if ok and s not in frozen and s not in done:  # a copy is not another sentence
                 done.append(s)
+        for n in set(lengths):
+            if not any(len(s) == n for s in done):
+                failed[n] = failed.get(n, 0) + 1
         if not done:
-            h += 1
-            if h == len(hypotheses) and time.perf_counter() < deadline:
-                h = 0  # every hypothesis tried: again, from other random starts, while time is left
-            continue
+            continue  # the next hypothesis: this one's lengths now count against it
         frozen += done
         lengths, estimate = list(lengths), list(estimate)
         for s in done:  # the slots left: the hypothesis's lengths, and their estimates, less the solved
             k = lengths.index(len(s))
             del lengths[k], estimate[k]
         best = None
-        hypotheses, h = length_hypotheses(model, estimate, [len(s) for s in frozen]), 0
     if len(frozen) == len(model.estimate) or best is None:
         return frozen
     return frozen + search.polish(best[0], frozen)

@@ -3,6 +3,7 @@ the hypotheses the search tries, closest to the estimate first (`length_hypothes
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 from gradleak.attacks.base import Knowledge
@@ -12,6 +13,7 @@ from gradleak.victims import Victim
 
 HYPOTHESES = 48  # length lists tried per peel of the encoder search, closest to the estimate first
 NODES = 200_000  # search nodes spent enumerating them
+FAILED = 2.0  # cost of a length (in squared moves) per run that tried it and solved no sequence of it
 
 
 @dataclass(frozen=True)
@@ -65,82 +67,137 @@ def encoder_lengths(
     target = knowledge.batch_size
     if total is not None and total < shortest * max(len(lengths), target or 0):
         total = None
+    if target is not None and total is not None:
+        complete = occ.complete if occ is not None else [False] * n_pos
+        possible = sorted({e for e in [*ends, n_pos] if e >= shortest})
+        lengths = _fill(lengths, target, total, possible, [*certain, n_pos], need, complete)
     while target is not None and len(lengths) < target:
-        # slots nothing else accounts for: the even share of the tokens left (the longest possible
-        # end below it), else the shortest length so far
-        missing = target - len(lengths)
-        share = (total - sum(lengths)) // missing if total is not None else min(lengths)
-        lengths.append(max([e for e in [*ends, n_pos] if shortest <= e <= share], default=min(lengths)))
+        # (no token count) slots nothing else accounts for: the shortest length so far
+        lengths.append(min(lengths))
     lengths = sorted(lengths, reverse=True)[: target or len(lengths)]
     # hard lower bounds only: without a placement, candidate counts overstate the tokens at a position
     bound = need if occ is not None else [1] * n_pos
     return LengthModel(sorted(lengths, reverse=True), sorted(set(ends) | {n_pos}), certain, bound, total)
 
 
-def length_hypotheses(model: LengthModel, estimate: list[int], frozen: list[int]) -> list[list[int]]:
+def _fill(
+    lengths: list[int],
+    target: int,
+    total: int,
+    ends: list[int],
+    held: list[int],
+    need: list[int],
+    complete: list[bool],
+) -> list[int]:
+    """`target` lengths adding up to `total` (where steps between possible `ends` allow) from the
+    lower bounds `lengths`: missing slots start at the shortest end, then the shortest open slot is
+    raised to its next end, again and again (water-filling: a batch's excess tokens are spread over
+    its short sequences, whose ends the gradients place least well). One slot per `held` length (a
+    certain end, the longest) stays; raises through a complete position whose token count is already
+    met (only a token occurring twice there would allow it) come last."""
+    out = sorted(lengths, reverse=True)[:target]
+    out += [ends[0]] * (target - len(out))
+    keep = list(held)
+    movable = []
+    for j, n in enumerate(out):
+        if n in keep:
+            keep.remove(n)
+        else:
+            movable.append(j)
+    while sum(out) < total:
+        live = [sum(1 for n in out if n > p) for p in range(len(need))]
+        options = []
+        for j in movable:
+            nxt = next((e for e in ends if e > out[j]), None)
+            if nxt is None or sum(out) + nxt - out[j] > total:
+                continue
+            crosses = any(complete[p] and live[p] >= need[p] for p in range(out[j], min(nxt, len(need))))
+            options.append((crosses, out[j], j, nxt))
+        if not options:
+            break
+        _, _, j, e = min(options)
+        out[j] = e
+    return sorted(out, reverse=True)
+
+
+def length_hypotheses(
+    model: LengthModel, estimate: list[int], frozen: list[int], failed: dict[int, int] | None = None
+) -> list[list[int]]:
     """Length lists for the open slots (as many as `estimate`), longest first, closest to `estimate`
-    first: every length a possible end, every position left with the live sequences it needs beside
+    first (smallest summed squared moves: an excess is more often spread over slots than piled on
+    one): every length a possible end, every position left with the live sequences it needs beside
     the `frozen` (solved) ones, every certain end not ended by a frozen sequence used, and the
-    lengths adding up to the token count left where it is known."""
+    lengths adding up to the token count left where it is known. Each length costs FAILED more for
+    every earlier run that tried it and solved no sequence of it (`failed`): a run finds a sequence
+    of the right length most of the time, so a length that keeps failing is likely wrong.
+    Enumerated best first (A*, the bound being the least squared moves that reach the total)."""
     k = len(estimate)
     if model.known or k == 0:
         return [estimate]
+    est = sorted(estimate, reverse=True)
     n_pos = len(model.need)
     live = [sum(1 for n in frozen if n > p) for p in range(n_pos)]
     short = [max(0, model.need[p] - live[p]) for p in range(n_pos)]
     minimal = [1 + max([p for p in range(n_pos) if short[p] > j], default=0) for j in range(k)]
     cover = {e for e in model.certain if e not in frozen} | ({n_pos} if n_pos not in frozen else set())
     ends = sorted(set(model.ends), reverse=True)
-
-    def enumerate_within(
-        radius: int, total: int | None, floor: bool, found: dict[tuple[int, ...], int]
-    ) -> None:
-        nodes = 0
-
-        def dfs(j: int, prev: int, acc: int, dist: int, chosen: list[int]) -> None:
-            nonlocal nodes
-            nodes += 1
-            if nodes > NODES or len(found) >= 4 * HYPOTHESES:
-                return
-            if j == k:
-                if (total is None or acc == total) and cover <= set(chosen):
-                    found.setdefault(tuple(chosen), dist)
-                return
-            missing = [e for e in cover if e not in chosen]
-            if len(missing) > k - j:
-                return
-            for e in ends:
-                if e > prev or e < minimal[j] or abs(e - estimate[j]) > radius:
-                    continue
-                if floor and e < estimate[j]:
-                    continue
-                if any(m > e for m in missing if m != e):
-                    continue  # a certain end longer than every slot left
-                rest = k - j - 1
-                if total is not None and not (acc + e + sum(minimal[j + 1 :]) <= total <= acc + e + rest * e):
-                    continue
-                dfs(j + 1, e, acc + e, dist + abs(e - estimate[j]), [*chosen, e])
-
-        dfs(0, n_pos, 0, 0, [])
-
     left = None if model.total is None else model.total - sum(frozen)
-    # the estimate covers each position's need with the shortest lengths that reach it, so it is
-    # (nearly always) a lower bound slot by slot: lengths at or above it are tried first
-    # (the fallback without the total only where nothing adds up to it)
+    out = _best_first(est, ends, minimal, cover, left, n_pos, failed or {})
+    if not out and left is not None:  # nothing adds up to the count: drop it
+        out = _best_first(est, ends, minimal, cover, None, n_pos, failed or {})
+    return out or [est]
+
+
+def _best_first(
+    est: list[int],
+    ends: list[int],
+    minimal: list[int],
+    cover: set[int],
+    total: int | None,
+    n_pos: int,
+    failed: dict[int, int],
+) -> list[list[int]]:
+    """Up to HYPOTHESES non-increasing length lists in order of summed squared distance to `est`
+    plus FAILED per failed try of each length (then fewest slots moved): A* over slots, each a
+    possible end at or above its minimum."""
+    k = len(est)
+    suffix = [sum(est[j:]) for j in range(k + 1)]
+
+    def bound(j: int, acc: int) -> float:
+        if total is None:
+            return 0.0
+        d = total - acc - suffix[j]
+        if j == k:
+            return 0.0 if d == 0 else float("inf")
+        return d * d / (k - j)
+
+    heap: list[tuple[float, int, int, tuple[int, ...]]] = [(bound(0, 0), 0, 0, ())]
     out: list[list[int]] = []
-    for total, floor in [(left, True), (left, False), (None, False)] if left is not None else [(None, False)]:
-        if total is None and out:
-            break
-        found: dict[tuple[int, ...], int] = {}
-        for radius in (0, 1, 2, 3, 5, 8, 13, n_pos):
-            enumerate_within(radius, total, floor, found)
-            if len(found) >= HYPOTHESES:
-                break
-        # fewest slots moved first, then the smallest moves
-        ranked = sorted(
-            found, key=lambda h: (sum(a != b for a, b in zip(h, estimate, strict=True)), found[h], h)
-        )
-        out += [list(h) for h in ranked if list(h) not in out]
-        if len(out) >= HYPOTHESES:
-            break
-    return out[:HYPOTHESES] or [sorted(estimate, reverse=True)]
+    pushed = 0
+    while heap and len(out) < HYPOTHESES and pushed < NODES:
+        f, moved, acc, chosen = heapq.heappop(heap)
+        j = len(chosen)
+        if j == k:
+            if cover <= set(chosen):
+                out.append(list(chosen))
+            continue
+        cost = f - bound(j, acc)
+        prev = chosen[-1] if chosen else n_pos
+        missing = [e for e in cover if e not in chosen]
+        if len(missing) > k - j:
+            continue
+        rest = k - j - 1
+        for e in ends:
+            if e > prev or e < minimal[j]:
+                continue
+            if any(m > e for m in missing if m != e):
+                continue  # a certain end longer than every slot left
+            if total is not None and not (acc + e + sum(minimal[j + 1 :]) <= total <= acc + e + rest * e):
+                continue
+            g = cost + (e - est[j]) ** 2 + FAILED * failed.get(e, 0)
+            h = bound(j + 1, acc + e)
+            if h == float("inf"):
+                continue
+            heapq.heappush(heap, (g + h, moved + (e != est[j]), acc + e, (*chosen, e)))
+            pushed += 1
+    return out

@@ -84,7 +84,8 @@ def _body(args: argparse.Namespace, rows: list[list[object]], *, done: bool) -> 
         f"## Exact recovery (`python benchmarks/exact.py`){status}\n\n"
         f"Command arguments: `{' '.join(sys.argv[1:])}`. "
         f"{args.dtype} updates, word-embedding gradient shared, lengths and labels unknown, batch size "
-        f"known; encoder search budget {args.time_budget:.0f} s. Machine: {machine()}.\n\n"
+        f"known; assembly budget {args.time_budget:.0f} s a batch (the encoder search's; a decoder "
+        f"returns its prefixes so far when it passes). Machine: {machine()}.\n\n"
         f"{table(HEADER, rows)}\n\n{PUBLISHED}\n"
     )
 

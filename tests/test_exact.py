@@ -40,6 +40,16 @@ def test_gpt2_tiny_recovered_exactly(batch_from, gpt2_tiny, batch_size, withhold
         assert sorted(rec.labels) == sorted(batch.labels.tolist())
 
 
+def test_decoder_assembly_past_its_budget_returns_the_prefixes_so_far(batch_from, gpt2_tiny):
+    batch = batch_from(gpt2_tiny, "sst2", 2, 0, min_words=5, max_words=20)
+    rec = EXACT.reconstruct(
+        gpt2_tiny, fedsgd(gpt2_tiny, batch), Knowledge(batch_size=2), AttackOptions(time_budget=0.0)
+    )
+    true = {tuple(int(t) for t in batch.token_ids[i][: batch.lengths[i]]) for i in range(2)}
+    assert rec.token_ids and all(len(s) < min(batch.lengths) for s in rec.token_ids)
+    assert all(any(t[: len(s)] == s for t in true) for s in rec.token_ids)  # true prefixes
+
+
 @pytest.mark.parametrize("withhold", [(), ("embeddings",)], ids=["shared", "withheld"])
 def test_minilm_single_sentence_recovered_exactly(batch_from, minilm, withhold):
     for seed in range(2):

@@ -40,7 +40,7 @@ class AttackOptions:
     norm_weight: float = 0.01  # weight of the embedding-norm regulariser of the cosine attack
     seed: int = 0
     force: bool = False  # run the exact attack even where its assumptions fail
-    time_budget: float = 60.0  # seconds the exact attack's encoder search may take
+    time_budget: float = 60.0  # seconds the exact attack's sequence assembly may take
 
     def __post_init__(self) -> None:
         if self.iterations < 1:

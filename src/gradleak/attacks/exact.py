@@ -420,7 +420,8 @@ def _assemble_decoder(
     null: tuple[torch.Generator, int] | None = None,
 ) -> list[list[int]]:
     """Grow prefixes position by position; keep extensions whose last second-layer input is in span
-    (with `null`: ranked against random-token extensions of the same prefixes, beam of 4B)."""
+    (with `null`: ranked against random-token extensions of the same prefixes, beam of 4B), until
+    `deadline` (a time.perf_counter() value) passes."""
     if not cands.tokens or len(cands.tokens[0]) == 0:
         return []
     prefixes: list[list[int]] = [[int(t)] for t in cands.tokens[0]]
@@ -450,6 +451,9 @@ def _assemble_decoder(
         toks = [int(t) for t in cands.tokens[p]]
         if not toks:
             break
+        if time.perf_counter() > deadline:
+            log.info("decoder assembly stopped at its time budget at position %d of %d", p, len(cands.tokens))
+            break  # the prefixes so far are the answer: partial sequences, scored as such
         ext = [pre + [t] for pre in prefixes for t in toks]
         if not ext:
             break
@@ -471,9 +475,6 @@ def _assemble_decoder(
     finished.extend(zip(prefixes, scores, strict=True))
     finished.sort(key=lambda f: f[1])
     return [f[0] for f in finished]
-
-
-# ------------------------------------------------------------------ encoders
 
 
 # ------------------------------------------------------------------ labels

@@ -3,12 +3,16 @@ hypotheses, the span cut that passes over a row dependency, and MiniLM at batch 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from gradleak.attacks import AttackOptions, Knowledge, get_attack
-from gradleak.attacks.encoder_search import assign
+from gradleak.attacks.context import Candidates, ContextCheck
+from gradleak.attacks.encoder_search import _EncoderSearch, assign
+from gradleak.attacks.exact import _threshold
 from gradleak.attacks.lengths import HYPOTHESES, LengthModel, _fill, length_hypotheses
 from gradleak.attacks.relaxation import relaxed_start
 from gradleak.attacks.scorer import AttentionScorer
@@ -74,6 +78,23 @@ def test_scorer_matches_the_model_and_substitutions_track_whole_sequences(minilm
             k = tokens_at[p].index(s[p])
             others = torch.cat([fast[r, :k], fast[r, k + 1 :]])
             assert float(fast[r, k]) * 100 < float(others.min())
+
+
+def test_one_edit_finds_the_sentence_a_slot_holds_with_a_token_too_many_or_too_few(minilm, minilm_batch):
+    batch, span, seqs = minilm_batch
+    width = max(len(s) for s in seqs) + 1
+    pool = sorted({t for s in seqs for t in s})
+    tokens = [torch.tensor(pool) for _ in range(width)]
+    cands = Candidates(tokens, [torch.zeros(len(pool)) for _ in range(width)])
+    check = ContextCheck(mixing_projections(minilm, 0)[0], span)
+    threshold = _threshold(fedsgd(minilm, batch))
+    search = _EncoderSearch(minilm, cands, check, threshold, time.perf_counter() + 600)
+    assert search.scorer is not None
+    s = max(seqs, key=len)
+    other = min(seqs, key=len)
+    assert search.edited(s[:3] + [other[1]] + s[3:]) == s  # a token too many
+    assert search.edited(s[:4] + s[5:]) == s  # one too few
+    assert search.edited(s[:2] + [other[1], other[2]] + s[4:]) is None  # two tokens wrong: no one edit
 
 
 def test_scorer_declines_a_causal_model(gpt2_tiny, make_victim_batch):

@@ -97,6 +97,26 @@ class _EncoderSearch:
         res = torch.where(torch.isinf(res), torch.zeros_like(res), res)
         return [bool(r.max() < SETTLED * self.threshold) for r in res]
 
+    def edited(self, seq: list[int]) -> list[int] | None:
+        """A solved sequence one token shorter or longer than `seq` (a token dropped, or a candidate
+        inserted, the tokens after it shifted), if there is one: a slot of the wrong length often
+        settles on its neighbour's sentence with a token too many or too few, which the hypothesis
+        with the right lengths would otherwise have to find again from scratch."""
+        pre, suf = len(self.prefix), len(self.suffix)
+        n_pos, allowed = len(self.options), self.allowed
+
+        def fits(x: list[int], start: int) -> bool:
+            return len(x) <= n_pos and all(x[q] in allowed[q] for q in range(start, len(x) - suf))
+
+        trial = [x for p in range(pre, len(seq) - suf) if fits(x := seq[:p] + seq[p + 1 :], p)]
+        for p in range(pre, min(len(seq) - suf + 1, n_pos)):
+            trial += [x for t in self.options[p] if fits(x := seq[:p] + [t] + seq[p:], p)]
+        if not trial:
+            return None
+        if self.scorer is not None and len(trial) > VERIFY:
+            trial = [trial[k] for k in torch.argsort(self.scorer.estimates(trial).sum(dim=1))[:VERIFY]]
+        return next((x for x, ok in zip(trial, self.solved(trial), strict=True) if ok), None)
+
     def run(
         self, lengths: list[int], frozen: list[list[int]], restarts: int
     ) -> tuple[list[list[int]], float]:
@@ -388,11 +408,12 @@ def assemble_encoder(
     live sequences, all else fixed) with head swaps and exchanges, from seeded starts, until
     `deadline` (a time.perf_counter() value) passes.
 
-    Lengths are a hypothesis (`length_hypotheses`, closest to the estimate first). A sequence
-    whose contexts all lie in the span is a true one, so solved sequences are frozen as soon as
-    they appear ("peeled"), and the hypotheses for the remaining slots are drawn again with what
-    is left: fewer slots, fewer tokens, and, where the span's rank gives the batch's token count,
-    a known sum of the remaining lengths."""
+    Lengths are a hypothesis (`length_hypotheses`: the best one, closest to the estimate, drawn
+    again after every run, with each length that a run tried without solving a sequence of it
+    counting against it). A sequence whose contexts all lie in the span is a true one, so solved
+    sequences are frozen as soon as they appear ("peeled"), and the hypotheses for the remaining
+    slots are drawn with what is left: fewer slots, fewer tokens, and, where the span's rank gives
+    the batch's token count, a known sum of the remaining lengths."""
     prefix, suffix = special_template(victim.tokenizer)
     if len(cands.tokens) < len(prefix) + len(suffix):
         return []  # not even the template's positions are occupied
@@ -420,20 +441,23 @@ def assemble_encoder(
         log.debug("lengths %s beside %d solved: residual %.3g", lengths, len(frozen), total_cost)
         if best is None or total_cost < best[1]:
             best = (seqs, total_cost)
-        done: list[list[int]] = []
-        for s, ok in zip(seqs, search.solved(seqs), strict=True):
-            if ok and s not in frozen and s not in done:  # a copy is not another sentence
-                done.append(s)
+        done: dict[int, list[int]] = {}  # slot: the sequence solved in it
+        for i, (s, ok) in enumerate(zip(seqs, search.solved(seqs), strict=True)):
+            if ok and s not in frozen and s not in done.values():  # a copy is not another sentence
+                done[i] = s
         for n in set(lengths):
-            if not any(len(s) == n for s in done):
+            if not any(len(s) == n for s in done.values()):
                 failed[n] = failed.get(n, 0) + 1
+        if not model.known:
+            for i, s in enumerate(seqs):
+                if i not in done and (e := search.edited(s)) and e not in frozen and e not in done.values():
+                    done[i] = e
+                    log.debug("slot %d of length %d solved by one edit (length %d)", i, len(s), len(e))
         if not done:
             continue  # the next hypothesis: this one's lengths now count against it
-        frozen += done
-        lengths, estimate = list(lengths), list(estimate)
-        for s in done:  # the slots left: the hypothesis's lengths, and their estimates, less the solved
-            k = lengths.index(len(s))
-            del lengths[k], estimate[k]
+        frozen += list(done.values())
+        # the slots left: the hypothesis's lengths (the edited slots' too), and their estimates
+        estimate = [n for i, n in enumerate(estimate) if i not in done]
         best = None
     if len(frozen) == len(model.estimate) or best is None:
         return frozen

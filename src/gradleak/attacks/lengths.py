@@ -11,7 +11,7 @@ from gradleak.attacks.context import Candidates
 from gradleak.attacks.matching import special_template
 from gradleak.victims import Victim
 
-HYPOTHESES = 48  # length lists tried per peel of the encoder search, closest to the estimate first
+HYPOTHESES = 48  # length lists `length_hypotheses` returns, best first (the search takes the first)
 NODES = 200_000  # search nodes spent enumerating them
 FAILED = 2.0  # cost of a length (in squared moves) per run that tried it and solved no sequence of it
 
@@ -67,9 +67,9 @@ def encoder_lengths(
     target = knowledge.batch_size
     if total is not None and total < shortest * max(len(lengths), target or 0):
         total = None
-    if target is not None and total is not None:
+    possible = sorted({e for e in [*ends, n_pos] if e >= shortest})
+    if target is not None and total is not None and possible:
         complete = occ.complete if occ is not None else [False] * n_pos
-        possible = sorted({e for e in [*ends, n_pos] if e >= shortest})
         lengths = _fill(lengths, target, total, possible, [*certain, n_pos], need, complete)
     while target is not None and len(lengths) < target:
         # (no token count) slots nothing else accounts for: the shortest length so far

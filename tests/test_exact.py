@@ -12,6 +12,7 @@ import torch
 from gradleak.attacks import AttackOptions, Knowledge, get_attack
 from gradleak.attacks.spans import residual, span_of
 from gradleak.client import fedsgd
+from gradleak.data import load_examples, make_batch
 from gradleak.errors import GradleakError
 from gradleak.experiment import RunSpec, run_one, score_reconstruction
 
@@ -48,6 +49,21 @@ def test_decoder_assembly_past_its_budget_returns_the_prefixes_so_far(batch_from
     true = {tuple(int(t) for t in batch.token_ids[i][: batch.lengths[i]]) for i in range(2)}
     assert rec.token_ids and all(len(s) < min(batch.lengths) for s in rec.token_ids)
     assert all(any(t[: len(s)] == s for t in true) for s in rec.token_ids)  # true prefixes
+
+
+def test_a_sentence_that_begins_another_is_recovered_by_the_pooled_position_check(gpt2_tiny):
+    """Real CoLA sentences, one the start of another: the decoder's span checks see only the longer
+    one; the last block's MLP gradient (pooled positions only) shows where the shorter one ends."""
+    texts = ["chris was handed", "chris was handed a note", "i served my guests"]
+    found = {e.text: e for e in load_examples("cola") if e.text in texts}
+    assert set(found) == set(texts)
+    batch = make_batch([found[t] for t in texts], gpt2_tiny.tokenizer)
+    rec, scores = _attack(gpt2_tiny, batch, batch_size=3)
+    assert scores.exact_match == 100.0, rec.texts
+    assert any("prefixes of others" in n for n in rec.notes)
+    # without the batch size nothing says a sentence is missing: only the two visible ones come back
+    rec, _ = _attack(gpt2_tiny, batch)
+    assert sorted(rec.texts) == sorted(texts[1:])
 
 
 @pytest.mark.parametrize("withhold", [(), ("embeddings",)], ids=["shared", "withheld"])

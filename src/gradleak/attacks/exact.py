@@ -35,6 +35,7 @@ import torch
 from gradleak.attacks.base import AttackOptions, Knowledge, Progress, Reconstruction, register
 from gradleak.attacks.context import Candidates, ContextCheck, context_residuals, pad
 from gradleak.attacks.encoder_search import assemble_encoder
+from gradleak.attacks.ends import hidden_prefixes
 from gradleak.attacks.labels import head_parameters, infer_labels
 from gradleak.attacks.matching import decode
 from gradleak.attacks.occurrences import Occurrences, resolve
@@ -285,6 +286,12 @@ class ExactAttack:
             )
         if knowledge.batch_size is not None and len(sequences) > knowledge.batch_size:
             sequences = sequences[: knowledge.batch_size]
+        if causal and not noisy and victim.task == "classify" and knowledge.batch_size is not None:
+            missing = knowledge.batch_size - len(sequences)
+            hidden = hidden_prefixes(victim, grads, sequences, missing, threshold)
+            if hidden:
+                notes.append(f"{len(hidden)} sentence(s) found as prefixes of others (pooled-position check)")
+                sequences = sequences + hidden
         labels = None
         if victim.task == "classify" and sequences:
             labels = _labels(victim, grads, sequences)

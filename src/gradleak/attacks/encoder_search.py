@@ -3,10 +3,12 @@ sequence's contexts lie in the context check's span.
 
 Coordinate descent over positions (Hungarian assignment of a position's tokens to the live
 sequences, required tokens held, all else fixed), head swaps between sequences and token exchanges
-within one, from seeded starts and iterated-local-search shakes. Substitutions are scored
-incrementally where the check is the first attention's context (`scorer.AttentionScorer`).
+within one, from relaxed starts (`relaxation.relaxed_start`, where the embedding gradients place
+tokens and the relaxation is small) or seeded ones, and iterated-local-search shakes. Substitutions
+are scored incrementally where the check is the first attention's context (`scorer.AttentionScorer`).
 Lengths are hypotheses (`lengths.length_hypotheses`); a sequence whose contexts all lie in the span
-is a true one, so solved sequences are frozen as they appear and the rest searched again.
+is a true one, so solved sequences (and sentences one edit away from an unsolved slot) are frozen as
+they appear and the rest searched again.
 """
 
 from __future__ import annotations

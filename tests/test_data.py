@@ -3,38 +3,54 @@
 from __future__ import annotations
 
 from collections import Counter
+from importlib import resources
 
 import pytest
 import torch
 
 from gradleak.data import (
+    DATA_DIR_ENV,
     Example,
     filter_by_words,
     load_examples,
     make_batch,
     sample_examples,
-    shared_data_dir,
 )
 from gradleak.errors import GradleakError
 
 
-def test_shared_data_dir_is_found():
-    root = shared_data_dir()
-    assert root is not None
-    assert (root / "cola" / "dev.tsv").is_file()
+@pytest.fixture(autouse=True)
+def _packaged_data(monkeypatch):
+    """These tests pin the packaged copies: no $GRADLEAK_DATA_DIR override."""
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+
+
+def test_named_sets_are_packaged_and_found_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no folder above tmp_path holds data: nothing is searched for
+    for name in (
+        "cola-dev.tsv.gz",
+        "sst2-dev.tsv.gz",
+        "rt-polarity.pos.gz",
+        "rt-polarity.neg.gz",
+        "wikitext-2-valid.txt.gz",
+        "DATA.md",
+    ):
+        assert resources.files("gradleak").joinpath("resources", name).is_file(), name
+    assert len(load_examples("sst2")) == 1821
 
 
 def test_cola():
     ex = load_examples("cola")
     assert len(ex) == 516
-    assert {e.label for e in ex} == {0, 1}
+    assert Counter(e.label for e in ex) == {1: 354, 0: 162}
     assert ex[0] == Example("somebody just left guess who", 1)
+    assert ex[-1] == Example("john talked to bill about himself", 1)
 
 
 def test_sst2():
     ex = load_examples("sst2")
     assert len(ex) == 1821
-    assert {e.label for e in ex} == {0, 1}
+    assert Counter(e.label for e in ex) == {0: 912, 1: 909}
     # label is the first column in this file; the text must not be the label
     assert ex[0] == Example("no movement , no yuks , not much of anything", 0)
 
@@ -43,6 +59,13 @@ def test_rt():
     ex = load_examples("rt")
     assert len(ex) == 10662
     assert Counter(e.label for e in ex) == {0: 5331, 1: 5331}
+    # negatives first, then positives, each in file order
+    assert ex[0] == Example("simplistic , silly and tedious .", 0)
+    assert ex[5331].text.startswith('the rock is destined to be the 21st century\'s new " conan "')
+    assert ex[5331].label == 1
+    # the source is latin-1: its accented letters come through as such (stored as UTF-8)
+    assert any("\u00e9" in e.text for e in ex)
+    assert not any("\u00c3" in e.text for e in ex)  # no UTF-8 read as latin-1 (mojibake)
 
 
 def test_builtin_sample():
@@ -54,9 +77,24 @@ def test_builtin_sample():
 
 def test_wikitext_has_no_headings():
     ex = load_examples("wikitext")
-    assert len(ex) > 1000
+    assert len(ex) == 1841  # the 3,760 lines of valid.txt less blank lines and "= ... =" headings
+    assert ex[0].text.startswith("Homarus gammarus , known as the European lobster or common lobster")
     assert all(e.label is None for e in ex)
     assert not any(e.text.startswith("=") for e in ex)
+
+
+def test_data_dir_override_reads_the_source_layout(tmp_path, monkeypatch):
+    (tmp_path / "cola").mkdir()
+    (tmp_path / "cola" / "dev.tsv").write_text("a tiny  cola row\t0\n", encoding="utf-8")
+    (tmp_path / "rt-polarity").mkdir()
+    (tmp_path / "rt-polarity" / "rt-polarity.pos").write_bytes("caf\u00e9 fine\n".encode("latin-1"))
+    (tmp_path / "rt-polarity" / "rt-polarity.neg").write_bytes(b"bad\n\n")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    assert load_examples("cola") == [Example("a tiny cola row", 0)]
+    assert load_examples("rt") == [Example("bad", 0), Example("caf\u00e9 fine", 1)]
+    assert len(load_examples("sample")) == 16  # built in, never overridden
+    with pytest.raises(GradleakError, match="sst2/dev.tsv"):
+        load_examples("sst2")
 
 
 # ---------------------------------------------------------------- files

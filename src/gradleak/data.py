@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import logging
 import os
@@ -58,56 +59,61 @@ class Batch:
         )
 
 
-def shared_data_dir() -> Path | None:
-    """The project's shared data folder: $GRADLEAK_DATA_DIR, else a `shared/data` found upward."""
+@dataclass(frozen=True)
+class _Part:
+    """One file of a named data set: packaged under `resource` (gzipped UTF-8), found at `relative`
+    (in `encoding`) in a $GRADLEAK_DATA_DIR folder of the source layout."""
+
+    resource: str
+    relative: str
+    encoding: str = "utf-8"
+
+
+def _data_override() -> Path | None:
+    """$GRADLEAK_DATA_DIR: a folder in the source layout that replaces the packaged copies."""
     env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return Path(env)
-    for start in (Path.cwd(), Path(__file__).resolve().parent):
-        for folder in (start, *start.parents):
-            candidate = folder / "shared" / "data"
-            if (candidate / "README.md").is_file():
-                return candidate
-    return None
+    return Path(env) if env else None
 
 
-def _named(relative: Sequence[str], reader: Callable[[list[Path]], list[Example]]):
+def _read_part(part: _Part) -> tuple[str, str]:
+    """The text of one part, and where it came from (for messages)."""
+    root = _data_override()
+    if root is not None:
+        path = root / part.relative
+        if not path.is_file():
+            raise GradleakError(f"data file not found: {path} ({DATA_DIR_ENV} is set to {root})")
+        return path.read_text(encoding=part.encoding), str(path)
+    resource = resources.files("gradleak").joinpath("resources", part.resource)
+    try:
+        raw = resource.read_bytes()
+    except FileNotFoundError:
+        raise GradleakError(f"packaged data file missing: gradleak/resources/{part.resource}") from None
+    return gzip.decompress(raw).decode("utf-8"), f"packaged {part.resource}"
+
+
+def _named(parts: Sequence[_Part], parse: Callable[[list[tuple[str, str]]], list[Example]]):
     def load() -> list[Example]:
-        root = shared_data_dir()
-        if root is None:
-            raise GradleakError(
-                f"the shared data folder was not found; set {DATA_DIR_ENV} to the folder "
-                "holding cola/, sst2/ and rt-polarity/"
-            )
-        paths = [root / r for r in relative]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise GradleakError(f"data file not found: {missing[0]}")
-        return reader(paths)
+        return parse([_read_part(part) for part in parts])
 
     return load
 
 
-def _read_cola(paths: list[Path]) -> list[Example]:
-    return _read_delimited(paths[0], "\t")
+def _read_delimited_text(texts: list[tuple[str, str]]) -> list[Example]:
+    [(text, where)] = texts
+    return _parse_delimited(_lines(text), "\t", where)
 
 
-def _read_sst2(paths: list[Path]) -> list[Example]:
-    return _read_delimited(paths[0], "\t")
-
-
-def _read_rt(paths: list[Path]) -> list[Example]:
-    pos, neg = paths
+def _read_rt(texts: list[tuple[str, str]]) -> list[Example]:
+    pos, neg = texts
     out: list[Example] = []
-    for path, label in ((neg, 0), (pos, 1)):
-        lines = _lines(path.read_text(encoding="latin-1"))
-        out.extend(Example(" ".join(line.split()), label) for line in lines if line.strip())
+    for (text, _), label in ((neg, 0), (pos, 1)):
+        out.extend(Example(" ".join(line.split()), label) for line in _lines(text) if line.strip())
     return out
 
 
-def _read_wikitext(paths: list[Path]) -> list[Example]:
-    lines = _lines(paths[0].read_text(encoding="utf-8"))
-    keep = [line.strip() for line in lines if line.strip() and not line.strip().startswith("=")]
+def _read_wikitext(texts: list[tuple[str, str]]) -> list[Example]:
+    [(text, _)] = texts
+    keep = [line.strip() for line in _lines(text) if line.strip() and not line.strip().startswith("=")]
     return [Example(line) for line in keep]
 
 
@@ -118,10 +124,16 @@ def _read_sample() -> list[Example]:
 
 NAMED_DATA: dict[str, Callable[[], list[Example]]] = {
     "sample": _read_sample,
-    "cola": _named(["cola/dev.tsv"], _read_cola),
-    "sst2": _named(["sst2/dev.tsv"], _read_sst2),
-    "rt": _named(["rt-polarity/rt-polarity.pos", "rt-polarity/rt-polarity.neg"], _read_rt),
-    "wikitext": _named(["wikitext-2/valid.txt"], _read_wikitext),
+    "cola": _named([_Part("cola-dev.tsv.gz", "cola/dev.tsv")], _read_delimited_text),
+    "sst2": _named([_Part("sst2-dev.tsv.gz", "sst2/dev.tsv")], _read_delimited_text),
+    "rt": _named(
+        [
+            _Part("rt-polarity.pos.gz", "rt-polarity/rt-polarity.pos", "latin-1"),
+            _Part("rt-polarity.neg.gz", "rt-polarity/rt-polarity.neg", "latin-1"),
+        ],
+        _read_rt,
+    ),
+    "wikitext": _named([_Part("wikitext-2-valid.txt.gz", "wikitext-2/valid.txt")], _read_wikitext),
 }
 
 

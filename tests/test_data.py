@@ -11,9 +11,11 @@ import torch
 from gradleak.data import (
     DATA_DIR_ENV,
     Example,
+    HFSource,
     filter_by_words,
     load_examples,
     make_batch,
+    parse_hf_source,
     sample_examples,
 )
 from gradleak.errors import GradleakError
@@ -253,3 +255,137 @@ def test_make_victim_batch_fixture(bert_tiny, make_victim_batch):
     again = make_victim_batch(bert_tiny, "cola", 4, 0, max_words=10)
     assert again.texts == b.texts
     assert torch.equal(again.input_ids, b.input_ids)
+
+
+# ---------------------------------------------------------------- Hugging Face data sets (offline)
+
+
+@pytest.fixture
+def hf_offline(monkeypatch, tmp_path):
+    """The datasets library offline, its cache in tmp_path. The library reads HF_HUB_OFFLINE and
+    HF_DATASETS_OFFLINE when imported, so its constants are patched as well as the environment."""
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+        monkeypatch.setattr(datasets.config, name, True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    return datasets
+
+
+def test_parse_hf_source():
+    assert parse_hf_source("hf:glue:sst2:validation") == HFSource("glue", "sst2", "validation")
+    assert parse_hf_source("hf:imdb") == HFSource("imdb")
+    assert parse_hf_source("hf:imdb::test") == HFSource("imdb", None, "test")
+    assert parse_hf_source("hf:user/set:cfg") == HFSource("user/set", "cfg")
+    assert parse_hf_source("hf:/data/saved").is_local and parse_hf_source("hf:./x").is_local
+    assert not parse_hf_source("hf:nonexistent-user/nonexistent-set").is_local
+    for bad in ("hf:", "hf::cfg", "hf:a:b:c:d"):
+        with pytest.raises(GradleakError, match=r"hf:NAME\[:CONFIG\]\[:SPLIT\]"):
+            parse_hf_source(bad)
+
+
+def test_hf_saved_dataset_dict_default_split_and_columns(hf_offline, tmp_path):
+    rows = {"idx": [0, 1, 2], "Sentence": ["the  cat sat", "", "a dog ran"], "label": [1, 0, 0]}
+    test = {"idx": [0], "Sentence": ["unlabelled"], "label": [-1]}
+    saved = tmp_path / "saved"
+    hf_offline.DatasetDict(
+        {"validation": hf_offline.Dataset.from_dict(test), "train": hf_offline.Dataset.from_dict(rows)}
+    ).save_to_disk(str(saved))
+    # default split: train (present, though not first); text column "Sentence" found case-insensitively
+    assert load_examples(f"hf:{saved}") == [Example("the cat sat", 1), Example("a dog ran", 0)]
+    # an unlabelled split (every label -1) loads without labels
+    assert load_examples(f"hf:{saved}::validation") == [Example("unlabelled")]
+    # named columns
+    assert load_examples(f"hf:{saved}", text_column="sentence", label_column="idx") == [
+        Example("the cat sat", 0),
+        Example("a dog ran", 2),
+    ]
+    with pytest.raises(GradleakError, match=r"no text column 'body' .*\(columns: idx, Sentence, label\)"):
+        load_examples(f"hf:{saved}", text_column="body")
+    with pytest.raises(GradleakError, match=r"no split 'test' .*\(splits: validation, train\)"):
+        load_examples(f"hf:{saved}::test")
+
+
+def test_hf_saved_single_dataset_and_first_split(hf_offline, tmp_path):
+    one = tmp_path / "one"
+    hf_offline.Dataset.from_dict({"review": ["good film", "bad film"], "stars": [5, 1]}).save_to_disk(
+        str(one)
+    )
+    assert load_examples(f"hf:{one}") == [Example("good film"), Example("bad film")]
+    assert load_examples(f"hf:{one}", label_column="stars") == [
+        Example("good film", 5),
+        Example("bad film", 1),
+    ]
+    with pytest.raises(GradleakError, match="single saved split"):
+        load_examples(f"hf:{one}::train")
+    two = tmp_path / "two"
+    hf_offline.DatasetDict(
+        {
+            "dev": hf_offline.Dataset.from_dict({"text": ["dev row"]}),
+            "test": hf_offline.Dataset.from_dict({"text": ["x"]}),
+        }
+    ).save_to_disk(str(two))
+    assert load_examples(f"hf:{two}") == [Example("dev row")]  # no train: the first split
+
+
+def test_hf_local_csv_file(hf_offline, tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('body,target\n"hello,  world",1\nplain text,0\n', encoding="utf-8")
+    # no TEXT_KEYS column: the one string column is the text; "target" is a label key
+    assert load_examples(f"hf:{p}") == [Example("hello, world", 1), Example("plain text", 0)]
+
+
+def test_hf_offline_and_uncached_is_one_line(hf_offline):
+    with pytest.raises(GradleakError) as err:
+        load_examples("hf:nonexistent-user/nonexistent-set:default:train")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("cannot load hf:nonexistent-user/nonexistent-set:default:train")
+    assert "offline" in message
+
+
+def test_hf_without_the_datasets_package(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets" or name.startswith("datasets."):
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(GradleakError, match=r"needs the datasets package: pip install 'gradleak\[hf\]'"):
+        load_examples("hf:imdb")
+
+
+# ---------------------------------------------------------------- named columns in files
+
+
+def test_text_and_label_columns_in_files(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("id,body,text,score\n1,the body,the text,0\n2,other body,other text,1\n", encoding="utf-8")
+    assert load_examples(str(p))[0] == Example("the text", None)  # "text" is a TEXT_KEY; no label key
+    assert load_examples(str(p), text_column="Body", label_column="score") == [
+        Example("the body", 0),
+        Example("other body", 1),
+    ]
+    with pytest.raises(GradleakError, match=r"no text column 'title' .*\(columns: id, body, text, score\)"):
+        load_examples(str(p), text_column="title")
+    j = tmp_path / "d.jsonl"
+    j.write_text('{"body": "from json", "y": 1}\n', encoding="utf-8")
+    assert load_examples(str(j), text_column="body", label_column="y") == [Example("from json", 1)]
+    with pytest.raises(GradleakError, match=r"no text field 'text2' \(fields: body, y\)"):
+        load_examples(str(j), text_column="text2")
+
+
+def test_columns_do_not_apply_to_named_sets_or_plain_text(tmp_path):
+    with pytest.raises(GradleakError, match="fixed columns"):
+        load_examples("cola", text_column="sentence")
+    p = tmp_path / "d.txt"
+    p.write_text("a sentence\n", encoding="utf-8")
+    with pytest.raises(GradleakError, match="plain text"):
+        load_examples(str(p), text_column="text")

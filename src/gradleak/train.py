@@ -46,7 +46,8 @@ from gradleak.client import WITHHOLD_GROUPS, Update
 from gradleak.data import Batch, Example, load_examples, make_batch
 from gradleak.defenses import DefenseChain, DefenseContext, Noise, Withhold, global_norm
 from gradleak.errors import GradleakError
-from gradleak.privacy import PrivacyReport, check_delta, get_accountant
+from gradleak.privacy import PrivacyReport
+from gradleak.spec import VictimSpec
 from gradleak.victims import Victim, load_victim
 
 log = logging.getLogger(__name__)
@@ -58,41 +59,31 @@ NOT_FOR_TRAINING: dict[type, str] = {
 
 
 @dataclass(frozen=True)
-class TrainSpec:
-    """Everything that determines a training run."""
+class TrainSpec(VictimSpec):
+    """Everything that determines a training run; the shared fields are `VictimSpec`'s."""
 
-    victim: str = "bert-tiny"
     data: str = "sst2"
+    batch_size: int = 16
     steps: int = 100
     lr: float = 0.1
-    batch_size: int = 16
-    defenses: tuple[str, ...] = ()
     eval_every: int = 10
-    seed: int = 0
-    task: str = "classify"
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_length: int = 32
     holdout: float = 0.2
     split_seed: int = 0
     max_eval: int = 512
     max_train: int | None = None  # train on the first N sentences of the training split only
     train_only: tuple[str, ...] = ()  # parameter groups / fnmatch patterns to train; empty: all
-    delta: float = 1e-5
-    accountant: str = "rdp"
     bound: bool = True  # estimate L and sigma_g^2 and compute the convergence bound
     probe_batches: int = 8  # minibatches for the gradient-variance estimate
     power_iterations: int = 10  # Hessian power-iteration steps for the smoothness estimate
 
     def validate(self) -> None:
+        self.validate_common()
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise GradleakError(f"learning rate must be a finite number > 0, got {self.lr}")
         if self.steps < 1:
             raise GradleakError(f"steps must be at least 1, got {self.steps}")
         if self.eval_every < 1:
             raise GradleakError(f"eval-every must be at least 1, got {self.eval_every}")
-        if self.batch_size < 1:
-            raise GradleakError(f"batch size must be at least 1, got {self.batch_size}")
         if not 0 < self.holdout < 1:
             raise GradleakError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
         if self.max_train is not None and self.max_train < 1:
@@ -103,9 +94,6 @@ class TrainSpec:
             raise GradleakError(f"probe batches must be at least 2, got {self.probe_batches}")
         if self.power_iterations < 1:
             raise GradleakError(f"power iterations must be at least 1, got {self.power_iterations}")
-        check_delta(self.delta)
-        get_accountant(self.accountant)
-        self.defense_chain()
 
     def defense_chain(self) -> DefenseChain:
         chain = DefenseChain.parse(self.defenses)

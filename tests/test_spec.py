@@ -146,3 +146,15 @@ def test_study_fields_follow_the_defaults_and_the_victims():
     assert knowledge({}) == "B"  # a spec that does not say: the server's default
     assert knowledge({"known_lengths": True, "known_batch_size": True}) == "lengths+B"
     assert fields.get_field("layers").get({"victim": "minilm"}) == PRESET_SHAPES["minilm"][0]
+
+
+def test_run_one_records_what_was_given():
+    """An lm batch has no labels to give: known_labels does not make the record say they were given."""
+    from gradleak.experiment import run_one
+
+    spec = RunSpec(
+        victim="gpt2-tiny", task="lm", dtype="float64", data="sample", attack="exact",
+        known_labels=True, known_lengths=True, time_budget=30,
+    )  # fmt: skip
+    record = run_one(spec).to_json()
+    assert record["knowledge"] == {"batch_size": True, "lengths": True, "labels": False}

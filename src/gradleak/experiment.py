@@ -18,6 +18,7 @@ from gradleak.data import filter_by_words, load_examples, make_batch, sample_wit
 from gradleak.defenses import DefenseContext, DpSgd
 from gradleak.errors import GradleakError
 from gradleak.finetune import finetune
+from gradleak.knowledge import Knows
 from gradleak.metrics import Scores, score
 from gradleak.privacy import PrivacyReport
 from gradleak.spec import AttackSpec
@@ -78,6 +79,7 @@ class RunRecord:
     notes: tuple[str, ...] = ()
     environment: dict[str, str] = field(default_factory=dict)
     privacy: PrivacyReport | None = None
+    knows: Knows | None = None  # what the attack was given (None: what the spec says)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,7 +97,8 @@ class RunRecord:
             "notes": list(self.notes),
             "defenses": list(self.spec.defenses),
             "privacy": None if self.privacy is None else self.privacy.to_json(),
-            "knowledge": self.spec.knows().to_json(),  # what the attack was given besides the update
+            # what the attack was given besides the update
+            "knowledge": (self.knows or self.spec.knows()).to_json(),
             "spec": asdict(self.spec),
             "environment": self.environment,
         }
@@ -198,4 +201,9 @@ def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
         notes=(*run_notes, *rec.notes),
         environment=env,
         privacy=privacy,
+        knows=Knows(  # what was given: an lm batch has no labels to give
+            batch_size=knowledge.batch_size is not None,
+            lengths=knowledge.lengths is not None,
+            labels=knowledge.labels is not None,
+        ),
     )

@@ -158,3 +158,34 @@ def test_run_one_records_what_was_given():
     )  # fmt: skip
     record = run_one(spec).to_json()
     assert record["knowledge"] == {"batch_size": True, "lengths": True, "labels": False}
+
+
+@pytest.mark.parametrize("known_lengths", [False, True])
+def test_flower_records_say_what_the_audit_gave(known_lengths):
+    """The audit gives the attack what the FlSpec's known_* say, and its records say so."""
+    pytest.importorskip("flwr")
+    from gradleak.flower.audit import LeakageAudit
+    from gradleak.victims import load_victim
+
+    victim = load_victim("gpt2-tiny", seed=0)
+    spec = dataclasses.asdict(FlSpec(known_lengths=known_lengths))
+    audit = LeakageAudit(object(), victim=victim, local_lr=0.01, batch_size=1, spec=spec)  # type: ignore[arg-type]
+    state = {n: p.detach().clone() for n, p in victim.model.state_dict().items()}
+    ids = victim.tokenizer("a private sentence")["input_ids"]
+    truth = {"client": 0, "texts": ["a private sentence"], "token_ids": [ids], "labels": [1]}
+    given = []
+
+    class Spy:  # stands in for the attack: records what it is given
+        name = "spy"
+
+        def reconstruct(self, victim, update, knowledge, options, progress=None):
+            from gradleak.attacks import Reconstruction
+
+            given.append(knowledge)
+            return Reconstruction(token_ids=(), texts=(), labels=None)
+
+    audit.attack = Spy()  # type: ignore[assignment]
+    leak = audit.audit(1, 7, state, state, truth, None)
+    assert leak.record["knowledge"] == {"batch_size": True, "lengths": known_lengths, "labels": False}
+    assert given[0].batch_size == 1 and given[0].labels is None
+    assert given[0].lengths == ((len(ids),) if known_lengths else None)

@@ -189,10 +189,11 @@ class LeakageAudit(Strategy):
             }
         )
         # what the server is given besides the update: the spec's known_* (default: the batch size only)
+        default = Knows()
         self.knows = Knows(
-            batch_size=bool(self.spec.get("known_batch_size", True)) and batch_size is not None,
-            lengths=bool(self.spec.get("known_lengths", False)),
-            labels=bool(self.spec.get("known_labels", False)),
+            batch_size=bool(self.spec.get("known_batch_size", default.batch_size)) and batch_size is not None,
+            lengths=bool(self.spec.get("known_lengths", default.lengths)),
+            labels=bool(self.spec.get("known_labels", default.labels)),
         )
         self.on_leak = on_leak
         self.sink = None if store is None else _Sink(store)

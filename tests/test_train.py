@@ -160,6 +160,56 @@ def test_epsilon_grows_with_steps_and_is_none_without_clipping():
     assert extra == pytest.approx(d * 0.01**2, rel=0.05)
 
 
+def test_dp_sgd_draws_poisson_batches_and_reports_their_epsilon():
+    """DP-SGD training samples each example with probability q = B / N, so its epsilon is the Poisson
+    accountant's at q and T, with any accountant (here rdp and pld)."""
+    from gradleak import privacy
+
+    common = dict(victim="bert-tiny", data="sample", batch_size=4, steps=40, eval_every=40, lr=0.01)
+    common |= dict(bound=False, train_only=("head",), defenses=("dp-sgd:clip=1,multiplier=2",))
+    rdp = train(TrainSpec(**common))  # type: ignore[arg-type]
+    n, q = rdp.train_size, 4 / rdp.train_size
+    assert rdp.sampling == "poisson" and rdp.privacy_unit == "example" and rdp.sample_rate == pytest.approx(q)
+    assert rdp.epsilon == privacy.epsilon(2.0, q, 40, 1e-5, "rdp")
+    assert rdp.to_json()["privacy"]["sampling"] == "poisson"
+    assert "Poisson" in rdp.to_json()["privacy"]["accounting"]
+    # Binomial(N, q) sizes: they vary, and average B (std of the mean of 40: 0.26 here)
+    sizes = rdp.batch_sizes
+    assert len(sizes) == 40 and len(set(sizes)) > 1 and max(sizes) <= n
+    assert statistics.fmean(sizes) == pytest.approx(4, abs=1.1)
+    pld = train(TrainSpec(**common, accountant="pld"))  # type: ignore[arg-type]
+    assert pld.batch_sizes == sizes  # the same seed draws the same batches
+    assert pld.epsilon == privacy.epsilon(2.0, q, 40, 1e-5, "pld")
+
+
+def test_poisson_release_is_the_noisy_sum_over_the_expected_batch_size():
+    """An empty draw releases N(0, (z C / B)^2) per coordinate; a drawn batch of b releases DP-SGD's
+    (sum + noise) / b rescaled to / B."""
+    from gradleak.client import Update
+    from gradleak.data import load_examples, make_batch
+    from gradleak.defenses import DefenseChain, DefenseContext
+    from gradleak.train import defend_poisson, freeze_except, loss_and_gradient
+    from gradleak.victims import load_victim
+
+    victim = load_victim("bert-tiny", seed=0)
+    freeze_except(victim, ("head",))
+    chain = DefenseChain.parse(("dp-sgd:clip=1,multiplier=3",))
+    params = {n: p for n, p in victim.model.named_parameters() if p.requires_grad}
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+    empty, trace = defend_poisson(chain, zeros, victim, None, torch.Generator().manual_seed(0), 8)
+    flat = torch.cat([v.flatten() for v in empty.tensors.values()]).double()
+    assert flat.numel() > 10_000 and float(flat.mean()) == pytest.approx(0, abs=0.01)
+    assert float(flat.std()) == pytest.approx(3 * 1 / 8, rel=0.03)
+    assert trace.unit == "example" and trace.mechanisms == [("gaussian", 3.0)] and trace.sensitivity == 1 / 8
+
+    batch = make_batch(load_examples("sample")[:2], victim.tokenizer, 32, with_labels=True)
+    _, clean = loss_and_gradient(victim, batch)
+    ours, _ = defend_poisson(chain, clean, victim, batch, torch.Generator().manual_seed(1), 8)
+    plain, _ = chain.apply(Update(clean), DefenseContext(victim, batch, torch.Generator().manual_seed(1)))
+    for k, v in ours.tensors.items():
+        torch.testing.assert_close(v, plain.tensors[k] * 2 / 8)
+
+
 # ------------------------------------------------------------------ the command line
 
 
@@ -192,7 +242,12 @@ def test_train_cli_writes_json_and_png(tmp_path, monkeypatch, capsys):
     assert len(record["loss"]) == len(record["grad_norm"]) == 4
     assert [e["step"] for e in record["eval"]] == [0, 2, 4]
     assert record["epsilon"] is None  # unclipped noise: no finite epsilon
-    assert 0.0 <= record["final_accuracy"] <= 1.0
+    # the final accuracy is the last evaluation's: a count of correct sentences over the held-out set
+    n = record["eval_size"]
+    assert record["final_accuracy"] == record["eval"][-1]["accuracy"]
+    assert record["final_accuracy"] * n == pytest.approx(round(record["final_accuracy"] * n), abs=1e-9)
+    assert record["final_loss"] == record["eval"][-1]["loss"]
+    assert record["privacy"]["sampling"] == "fixed-size" and record["batch_sizes"] == [4, 4, 4, 4]
     bound = record["bound"]
     assert bound["smoothness"] > 0 and bound["grad_variance"] >= 0 and bound["unbiased"] is True
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

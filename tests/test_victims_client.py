@@ -12,7 +12,7 @@ from gradleak.attacks.structure import is_causal
 from gradleak.client import Update, fedavg, fedsgd, resolve_withheld
 from gradleak.data import Example, make_batch
 from gradleak.errors import GradleakError
-from gradleak.victims import load_victim
+from gradleak.victims import PRESET_SHAPES, load_victim
 
 
 def _params(victim):
@@ -57,6 +57,16 @@ def test_gpt2_tiny_shape(gpt2_tiny):
     assert is_causal(gpt2_tiny)
     assert cfg.vocab_size == len(gpt2_tiny.tokenizer) == 50257
     assert gpt2_tiny.tokenizer.encode("hello world") == [31373, 995]  # the real GPT-2 BPE
+
+
+@pytest.mark.parametrize("fixture", ["bert_tiny", "minilm", "gpt2_tiny"])
+def test_preset_shapes_are_the_built_models(request, fixture):
+    """PRESET_SHAPES (which the study tables read) says what the presets build."""
+    victim = request.getfixturevalue(fixture)
+    cfg = victim.model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    assert PRESET_SHAPES[fixture.replace("_", "-")] == (layers, hidden)
 
 
 def test_gpt2_tiny_language_model_loss():

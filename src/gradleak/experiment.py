@@ -15,12 +15,14 @@ from gradleak.attacks import AttackOptions, Knowledge, Reconstruction, get_attac
 from gradleak.attacks.base import Progress
 from gradleak.client import Update, fedavg, fedsgd, parse_share
 from gradleak.data import filter_by_words, load_examples, make_batch, sample_with_tokens
-from gradleak.defenses import DefenseChain, DefenseContext, DpSgd
+from gradleak.defenses import DefenseContext, DpSgd
 from gradleak.errors import GradleakError
 from gradleak.finetune import finetune
+from gradleak.knowledge import Knows
 from gradleak.metrics import Scores, score
-from gradleak.privacy import PrivacyReport, check_delta, get_accountant
-from gradleak.victims import check_victim_name, load_victim
+from gradleak.privacy import PrivacyReport
+from gradleak.spec import AttackSpec
+from gradleak.victims import load_victim
 
 log = logging.getLogger(__name__)
 
@@ -28,46 +30,21 @@ PROTOCOLS = ("fedsgd", "fedavg")
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """Everything that determines a run; any record can be re-run from its spec."""
+class RunSpec(AttackSpec):
+    """Everything that determines a run; any record can be re-run from its spec. The shared fields
+    (victim, data, batch, defences, attack options, what the server knows) are `AttackSpec`'s."""
 
-    victim: str = "bert-tiny"
-    data: str = "sample"
-    batch_size: int = 1
-    attack: str = "tag"
-    iterations: int = 300
-    seed: int = 0
-    task: str = "classify"
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_length: int = 32
     min_words: int = 0
-    max_words: int | None = None
     withhold: tuple[str, ...] = ()
     protocol: str = "fedsgd"
-    local_steps: int = 1
-    local_lr: float = 0.01
-    attack_lr: float = 0.01
-    optimizer: str = "adam"
-    known_labels: bool = False
-    known_lengths: bool = True
-    force: bool = False
-    time_budget: float = 60.0
-    defenses: tuple[str, ...] = ()
-    delta: float = 1e-5
-    accountant: str = "rdp"
     # conditions of the attacked round
     share: tuple[str, ...] = ()  # only these groups/patterns are shared (empty: everything)
-    known_batch_size: bool = True
     finetune_steps: int = 0  # SGD steps on other examples of the data set before the attacked round
     finetune_lr: float = 1e-3
     min_tokens: int = 0  # only examples of at least this many tokens under the victim's tokenizer
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise GradleakError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.iterations < 1:
-            raise GradleakError(f"iterations must be at least 1, got {self.iterations}")
+        self.validate_attack()
         if self.protocol not in PROTOCOLS:
             raise GradleakError(f"unknown protocol {self.protocol!r}; choose {' or '.join(PROTOCOLS)}")
         if self.max_words is not None and self.max_words < self.min_words:
@@ -78,33 +55,16 @@ class RunSpec:
             raise GradleakError(f"fine-tuning steps must be at least 0, got {self.finetune_steps}")
         if self.finetune_lr <= 0:
             raise GradleakError(f"fine-tuning learning rate must be positive, got {self.finetune_lr}")
-        check_victim_name(self.victim)
         for item in self.share:
             parse_share(item)
-        get_attack(self.attack)
         chain = self.defense_chain()
         if self.protocol != "fedsgd" and any(isinstance(d, DpSgd) for d in chain):
             raise GradleakError("dp-sgd computes a FedSGD gradient; use --protocol fedsgd")
-        check_delta(self.delta)
-        get_accountant(self.accountant)
-
-    def defense_chain(self) -> DefenseChain:
-        return DefenseChain.parse(self.defenses)
-
-    def options(self) -> AttackOptions:
-        return attack_options(self)
 
 
-def attack_options(spec: Any) -> AttackOptions:
-    """The attack's options from any spec with RunSpec's attack fields (RunSpec, the Flower spec)."""
-    return AttackOptions(
-        iterations=spec.iterations,
-        learning_rate=spec.attack_lr,
-        optimizer=spec.optimizer,
-        seed=spec.seed,
-        force=spec.force,
-        time_budget=spec.time_budget,
-    )
+def attack_options(spec: AttackSpec) -> AttackOptions:
+    """The attack's options of any attacking spec (RunSpec, the Flower spec): `AttackSpec.options`."""
+    return spec.options()
 
 
 @dataclass(frozen=True)
@@ -119,6 +79,7 @@ class RunRecord:
     notes: tuple[str, ...] = ()
     environment: dict[str, str] = field(default_factory=dict)
     privacy: PrivacyReport | None = None
+    knows: Knows | None = None  # what the attack was given (None: what the spec says)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -136,6 +97,8 @@ class RunRecord:
             "notes": list(self.notes),
             "defenses": list(self.spec.defenses),
             "privacy": None if self.privacy is None else self.privacy.to_json(),
+            # what the attack was given besides the update
+            "knowledge": (self.knows or self.spec.knows()).to_json(),
             "spec": asdict(self.spec),
             "environment": self.environment,
         }
@@ -238,4 +201,9 @@ def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
         notes=(*run_notes, *rec.notes),
         environment=env,
         privacy=privacy,
+        knows=Knows(  # what was given: an lm batch has no labels to give
+            batch_size=knowledge.batch_size is not None,
+            lengths=knowledge.lengths is not None,
+            labels=knowledge.labels is not None,
+        ),
     )

@@ -228,6 +228,33 @@ def epsilon(
     return account((Mechanism(kind, noise_multiplier, sample_rate, steps),), delta, accountant)
 
 
+def without_replacement_epsilon(
+    noise_multiplier: float, sample_size: int, population: int, steps: int, delta: float
+) -> float:
+    """Epsilon of `steps` DP-SGD releases, each on a fixed-size batch of `sample_size` distinct examples
+    drawn uniformly without replacement from `population`, under replace-one adjacency (the population
+    size is public): RDP of the subsampled Gaussian without replacement (Wang, Balle & Kasiviswanathan
+    2019, Thm 27) via dp_accounting, the only one of its accountants that covers this sampling.
+    Replacing one example moves the sum of clipped per-example gradients by up to 2C, so the Gaussian's
+    multiplier relative to that sensitivity is `noise_multiplier / 2`. For comparison with the Poisson
+    accounting gradleak's training uses (`epsilon`, add/remove-one adjacency)."""
+    check_delta(delta)
+    check_multiplier(noise_multiplier)
+    check_steps(steps)
+    if not 1 <= sample_size <= population:
+        raise GradleakError(f"sample size must be in 1..{population}, got {sample_size}")
+    if noise_multiplier == 0:
+        return math.inf
+    acc = rdp.RdpAccountant(
+        list(RDP_ORDERS), neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    base = dp_accounting.SampledWithoutReplacementDpEvent(
+        population, sample_size, dp_accounting.GaussianDpEvent(noise_multiplier / 2)
+    )
+    acc.compose(dp_accounting.SelfComposedDpEvent(base, steps))
+    return float(acc.get_epsilon(delta))
+
+
 def analytic_gaussian_epsilon(sigma: float, sensitivity: float, delta: float) -> float:
     """Epsilon of one release of a query with L2 sensitivity `sensitivity` plus N(0, sigma^2) noise
     (Balle & Wang 2018). `inf` without noise."""

@@ -1,7 +1,7 @@
 """Training under perturbed gradients: plain SGD on a victim with the attacks' defence chain.
 
-Each step draws a minibatch of B distinct training examples (seeded), computes the clean gradient of
-the mean loss, passes it through the defence chain exactly as a client would before sharing it, and
+Each step draws a minibatch (seeded; see Sampling), computes the clean gradient of the mean loss,
+passes it through the defence chain exactly as a client would before sharing it, and
 takes x <- x - lr * defended gradient (plain SGD, no momentum, no weight decay: the setting of the
 convergence bound in `gradleak.bounds`). Recorded per step: the minibatch loss, the clean and the
 defended gradient norms; every K steps (and at 0 and T): held-out accuracy and loss and the epsilon
@@ -18,10 +18,21 @@ Choices:
   minibatch draw and the defence's noise.
 - **Withholding is refused.** A withheld parameter group is not sent, so the server never updates it:
   in training it would silently freeze those parameters instead of protecting anything.
-- **Accounting.** Fixed-size uniform minibatches are accounted as Poisson sampling at q = B / N (as
-  Opacus does) when the chain bounds each *example's* contribution (dp-sgd); a chain that clips the
-  whole update (clip, then noise) bounds the *client's* contribution, and the client takes part in
-  every step, so it is accounted at q = 1 (client-level DP). Epsilon after t steps composes t steps.
+- **Sampling and accounting.** When the chain bounds each *example's* contribution (dp-sgd), each
+  step draws a Poisson sample: every training example independently with probability q = B / N, so
+  the batch size varies around B and may be 0. That is the sampling the accountants' subsampled
+  Gaussian assumes (add/remove-one adjacency), so epsilon is that of q and the number of steps, with
+  any accountant. As in Opacus, DP-SGD's noisy sum of clipped per-example gradients is divided by the
+  *expected* batch size B, not by the drawn one (which depends on the data), and an empty draw
+  releases the noise alone (its loss is recorded as NaN, None in JSON). Fixed-size batches accounted
+  as Poisson at q = B / N, as before, reported a number no accountant proves for that sampling: the
+  bound dp-accounting has for it (without replacement, replace-one adjacency,
+  `privacy.without_replacement_epsilon`) is 12.9 where Poisson gives 1.58 (N = 1000, B = 16, z = 1,
+  T = 100, delta = 1e-5, RDP; tests/test_privacy.py). A chain that clips the whole
+  update (clip, then noise) bounds the *client's* contribution, and the client takes part in every
+  step, so it is accounted at q = 1 (client-level DP) and the minibatches stay B distinct examples
+  drawn without replacement; so do they without a DP mechanism. The record says which
+  (`privacy.sampling`, `privacy.accounting`). Epsilon after t steps composes t steps.
 """
 
 from __future__ import annotations
@@ -44,55 +55,56 @@ import torch.nn.functional as F
 from gradleak.bounds import PerturbedSgdBound, RunningVariance, power_iteration, running_mean
 from gradleak.client import WITHHOLD_GROUPS, Update
 from gradleak.data import Batch, Example, load_examples, make_batch
-from gradleak.defenses import DefenseChain, DefenseContext, Noise, Withhold, global_norm
+from gradleak.defenses import (
+    DefenseChain,
+    DefenseContext,
+    DpSgd,
+    Noise,
+    PrivacyTrace,
+    Withhold,
+    global_norm,
+)
 from gradleak.errors import GradleakError
-from gradleak.privacy import PrivacyReport, check_delta, get_accountant
+from gradleak.privacy import PrivacyReport
+from gradleak.spec import VictimSpec
 from gradleak.victims import Victim, load_victim
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]  # (step, total, loss)
+POISSON = "poisson"  # each example independently with probability q = B / N
+FIXED_SIZE = "fixed-size"  # B distinct examples, uniformly without replacement
 NOT_FOR_TRAINING: dict[type, str] = {
     Withhold: "the server would never update the withheld parameters, silently freezing them",
 }
 
 
 @dataclass(frozen=True)
-class TrainSpec:
-    """Everything that determines a training run."""
+class TrainSpec(VictimSpec):
+    """Everything that determines a training run; the shared fields are `VictimSpec`'s."""
 
-    victim: str = "bert-tiny"
     data: str = "sst2"
+    batch_size: int = 16
     steps: int = 100
     lr: float = 0.1
-    batch_size: int = 16
-    defenses: tuple[str, ...] = ()
     eval_every: int = 10
-    seed: int = 0
-    task: str = "classify"
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_length: int = 32
     holdout: float = 0.2
     split_seed: int = 0
     max_eval: int = 512
     max_train: int | None = None  # train on the first N sentences of the training split only
     train_only: tuple[str, ...] = ()  # parameter groups / fnmatch patterns to train; empty: all
-    delta: float = 1e-5
-    accountant: str = "rdp"
     bound: bool = True  # estimate L and sigma_g^2 and compute the convergence bound
     probe_batches: int = 8  # minibatches for the gradient-variance estimate
     power_iterations: int = 10  # Hessian power-iteration steps for the smoothness estimate
 
     def validate(self) -> None:
+        self.validate_common()
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise GradleakError(f"learning rate must be a finite number > 0, got {self.lr}")
         if self.steps < 1:
             raise GradleakError(f"steps must be at least 1, got {self.steps}")
         if self.eval_every < 1:
             raise GradleakError(f"eval-every must be at least 1, got {self.eval_every}")
-        if self.batch_size < 1:
-            raise GradleakError(f"batch size must be at least 1, got {self.batch_size}")
         if not 0 < self.holdout < 1:
             raise GradleakError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
         if self.max_train is not None and self.max_train < 1:
@@ -103,9 +115,6 @@ class TrainSpec:
             raise GradleakError(f"probe batches must be at least 2, got {self.probe_batches}")
         if self.power_iterations < 1:
             raise GradleakError(f"power iterations must be at least 1, got {self.power_iterations}")
-        check_delta(self.delta)
-        get_accountant(self.accountant)
-        self.defense_chain()
 
     def defense_chain(self) -> DefenseChain:
         chain = DefenseChain.parse(self.defenses)
@@ -162,6 +171,20 @@ class TrainRecord:
     seconds: float
     bound: BoundEstimate | None = None
     environment: dict[str, str] = field(default_factory=dict)
+    sampling: str = FIXED_SIZE  # POISSON or FIXED_SIZE: how each step's minibatch was drawn
+    batch_sizes: list[int] = field(default_factory=list)  # examples drawn at each step
+
+    @property
+    def accounting(self) -> str:
+        """How the epsilon accounts the sampling, in words."""
+        if self.privacy.epsilon is None:
+            return f"no finite epsilon: {self.privacy.reason}"
+        if self.privacy_unit == "example":
+            return (
+                f"Poisson-subsampled mechanism at q = B/N = {self.sample_rate:.4g}, add/remove-one "
+                f"adjacency, {self.privacy.accountant} accountant"
+            )
+        return f"q = 1: the client's whole update every step, {self.privacy.accountant} accountant"
 
     @property
     def epsilon(self) -> float | None:
@@ -174,14 +197,21 @@ class TrainRecord:
     def to_json(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
-            "loss": self.loss,
+            "loss": [_finite(x) for x in self.loss],  # None: an empty Poisson draw
             "grad_norm": self.grad_norm,
             "defended_grad_norm": self.defended_grad_norm,
             "eval": [asdict(e) for e in self.eval],
             "epsilon": self.epsilon,
             "final_accuracy": self.final_accuracy,
             "final_loss": self.eval[-1].loss,
-            "privacy": {**self.privacy.to_json(), "unit": self.privacy_unit, "sample_rate": self.sample_rate},
+            "privacy": {
+                **self.privacy.to_json(),
+                "unit": self.privacy_unit,
+                "sample_rate": self.sample_rate,
+                "sampling": self.sampling,
+                "accounting": self.accounting,
+            },
+            "batch_sizes": self.batch_sizes,
             "bound": None if self.bound is None else self.bound.to_json(),
             "train_size": self.train_size,
             "eval_size": self.eval_size,
@@ -353,6 +383,58 @@ def _environment(device: str) -> dict[str, str]:
     return env
 
 
+def per_example(chain: DefenseChain) -> bool:
+    """Whether the chain bounds each example's contribution (dp-sgd): then batches are Poisson samples."""
+    return any(isinstance(d, DpSgd) for d in chain)
+
+
+def poisson_sample(examples: Sequence[Example], q: float, rng: random.Random) -> list[Example]:
+    """Each example independently with probability q (the sampling the subsampled-Gaussian accountants
+    assume); the sample may be empty."""
+    return [e for e in examples if rng.random() < q]
+
+
+def defend_poisson(
+    chain: DefenseChain,
+    clean: dict[str, torch.Tensor],
+    victim: Victim,
+    batch: Batch | None,
+    generator: torch.Generator,
+    expected: int,
+) -> tuple[Update, PrivacyTrace]:
+    """The chain on a Poisson batch (None: the draw was empty), normalised as Opacus does: DP-SGD's sum
+    of clipped per-example gradients plus noise is divided by the expected batch size `expected`, not by
+    the drawn size, which depends on the data (dividing by it would not be post-processing of the noisy
+    sum). An empty draw releases the noise alone. The other defences apply as in `DefenseChain.apply`,
+    after DP-SGD seeing the update at sensitivity clip / expected."""
+    trace = PrivacyTrace()
+    update = Update(clean)
+    ctx = DefenseContext(victim, batch, generator)
+    for d in chain:
+        if not isinstance(d, DpSgd):
+            update = d.apply(update, ctx, trace)
+            continue
+        if batch is None:
+            std = d.multiplier * d.clip
+            out = {k: _gaussian(v, generator, std) / expected for k, v in update.tensors.items()}
+            trace.unit = "example"
+            trace.mechanisms.append(("gaussian", d.multiplier))
+        else:
+            update = d.apply(update, ctx, trace)  # (sum + noise) / drawn size
+            out = {k: v * (batch.size / expected) for k, v in update.tensors.items()}
+        trace.sensitivity = d.clip / expected
+        update = update.replace(out)
+    bad = [k for k, v in update.tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise GradleakError(f"the defended update has NaN or infinite values (in {bad[0]})")
+    return update, trace
+
+
+def _gaussian(like: torch.Tensor, generator: torch.Generator, std: float) -> torch.Tensor:
+    z = torch.randn(like.shape, generator=generator, dtype=torch.float64, device=generator.device)
+    return (z * std).to(like.dtype).to(like.device)
+
+
 def _privacy(trace, spec: TrainSpec, steps: int, q: float) -> PrivacyReport:
     return trace.report(spec.delta, spec.accountant, sample_rate=q, steps=steps)
 
@@ -397,8 +479,11 @@ def train(spec: TrainSpec, progress: Progress | None = None) -> TrainRecord:
     clean_norms: list[float] = []
     defended_norms: list[float] = []
     perturbation: list[float] = []
+    batch_sizes: list[int] = []
     evals: list[EvalPoint] = []
     trace = None
+    poisson = per_example(chain)
+    sampling = POISSON if poisson else FIXED_SIZE
     unit, q = "example", spec.batch_size / len(train_set)
 
     def record_eval(step: int) -> None:
@@ -409,13 +494,24 @@ def train(spec: TrainSpec, progress: Progress | None = None) -> TrainRecord:
 
     record_eval(0)
     for step in range(1, spec.steps + 1):
-        batch = batch_of(sampler.sample(train_set, spec.batch_size))
-        loss, clean = loss_and_gradient(victim, batch)
-        if not math.isfinite(loss) or not all(torch.isfinite(g).all() for g in clean.values()):
-            raise GradleakError(
-                f"training diverged at step {step} (loss {loss:.4g}): lower the learning rate {spec.lr:g}"
-            )
-        update, step_trace = chain.apply(Update(clean), DefenseContext(victim, batch, noise))
+        if poisson:
+            chosen = poisson_sample(train_set, q, sampler)
+        else:
+            chosen = sampler.sample(train_set, spec.batch_size)
+        batch_sizes.append(len(chosen))
+        batch = batch_of(chosen) if chosen else None
+        if batch is None:  # an empty Poisson draw: no loss, a zero gradient, and the noise is released
+            loss, clean = math.nan, {n: torch.zeros_like(p) for n, p in params.items()}
+        else:
+            loss, clean = loss_and_gradient(victim, batch)
+            if not math.isfinite(loss) or not all(torch.isfinite(g).all() for g in clean.values()):
+                raise GradleakError(
+                    f"training diverged at step {step} (loss {loss:.4g}): lower the learning rate {spec.lr:g}"
+                )
+        if poisson:
+            update, step_trace = defend_poisson(chain, clean, victim, batch, noise, spec.batch_size)
+        else:
+            update, step_trace = chain.apply(Update(clean), DefenseContext(victim, batch, noise))
         if trace is None:
             trace = step_trace
             unit = step_trace.unit
@@ -474,6 +570,8 @@ def train(spec: TrainSpec, progress: Progress | None = None) -> TrainRecord:
         seconds=time.perf_counter() - start,
         bound=estimate,
         environment=_environment(spec.device),
+        sampling=sampling,
+        batch_sizes=batch_sizes,
     )
 
 
@@ -495,8 +593,9 @@ def plot(record: TrainRecord, path: str | Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     steps = record.steps
     ax = axes[0]
-    ax.plot(steps, record.loss, lw=0.8, alpha=0.5, label="minibatch loss")
-    ax.plot(steps, running_mean(record.loss), lw=1.8, label="running mean")
+    ax.plot(steps, record.loss, lw=0.8, alpha=0.5, label="minibatch loss")  # NaN: an empty draw
+    drawn = [(t, x) for t, x in zip(steps, record.loss, strict=True) if math.isfinite(x)]
+    ax.plot([t for t, _ in drawn], running_mean([x for _, x in drawn]), lw=1.8, label="running mean")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_title("train loss")

@@ -245,10 +245,25 @@ def _minilm_random(task: str, num_labels: int) -> tuple[nn.Module, object]:
     return AutoModelForSequenceClassification.from_config(config), bert_tokenizer()
 
 
+# (layers, hidden) of each fixed preset: the one place these sizes are written
+PRESET_SHAPES: dict[str, tuple[int, int]] = {
+    "bert-tiny": (2, 128),
+    "gpt2-tiny": (2, 256),
+    "gpt2-wide": (2, 768),
+    "minilm": (6, 384),  # all-MiniLM-L6-v2
+    "minilm-random": (6, 384),
+}
+
+
+def _hidden_layers(name: str) -> tuple[int, int]:
+    layers, hidden = PRESET_SHAPES[name]
+    return hidden, layers
+
+
 PRESETS: dict[str, Builder] = {
-    "bert-tiny": _bert_random(hidden=128, layers=2, heads=2),
-    "gpt2-tiny": _gpt2_random(n_embd=256, layers=2, heads=4),
-    "gpt2-wide": _gpt2_random(n_embd=768, layers=2, heads=12),
+    "bert-tiny": _bert_random(*_hidden_layers("bert-tiny"), heads=2),
+    "gpt2-tiny": _gpt2_random(*_hidden_layers("gpt2-tiny"), heads=4),
+    "gpt2-wide": _gpt2_random(*_hidden_layers("gpt2-wide"), heads=12),
     "minilm": _minilm,
     "minilm-random": _minilm_random,
 }

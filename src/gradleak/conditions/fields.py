@@ -11,17 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradleak.errors import GradleakError
+from gradleak.knowledge import Knows
+from gradleak.victims import PRESET_SHAPES as _PRESET_SHAPES
 
 Spec = dict[str, Any]
 
 # depth and width of the fixed presets (parametric victims say theirs in their name)
-PRESET_SHAPES: dict[str, tuple[int, int]] = {
-    "bert-tiny": (2, 128),
-    "gpt2-tiny": (2, 256),
-    "gpt2-wide": (2, 768),
-    "minilm": (6, 384),
-    "minilm-random": (6, 384),
-}
+PRESET_SHAPES: dict[str, tuple[int, int]] = dict(_PRESET_SHAPES)
 
 
 @dataclass(frozen=True)
@@ -83,13 +79,16 @@ def _group(text: str) -> str:
     return text
 
 
+_DEFAULT_KNOWS = Knows()  # what a spec without the known_* fields means: the server's default
+
+
 def _knowledge(spec: Spec) -> str:
     known = [
         name
         for name, key, default in (
-            ("labels", "known_labels", False),
-            ("lengths", "known_lengths", True),
-            ("B", "known_batch_size", True),
+            ("labels", "known_labels", _DEFAULT_KNOWS.labels),
+            ("lengths", "known_lengths", _DEFAULT_KNOWS.lengths),
+            ("B", "known_batch_size", _DEFAULT_KNOWS.batch_size),
         )
         if spec.get(key, default)
     ]

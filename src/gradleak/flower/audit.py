@@ -10,9 +10,9 @@ wrapped strategy (FedAvg, a DP wrapper around it, or any other) then aggregates 
 
 Scoring needs the truth, which a real server lacks: gradleak's client app adds its batch to the reply
 in a ConfigRecord `gradleak-ground-truth`, which this wrapper removes from the reply first. The attack
-sees only the update, the model, the batch size (a protocol parameter) and whether the protocol
-perturbs updates; gradient-matching attacks (dlg, tag, cos) also need the sequence lengths, which they
-are given from the truth as in `gradleak attack` (the record says so).
+sees only the update, the model, whether the protocol perturbs updates, and what the spec's threat
+model gives it (`known_batch_size`, `known_lengths`, `known_labels`; by default the batch size, a
+protocol parameter, and nothing else); every record says what it was given under `knowledge`.
 
 Epsilon: per client, the composition over the rounds it took part in of the noise mechanisms applied
 to its update before the server read it: Flower's `LocalDpMod` (given as `server_mechanisms`) and the
@@ -45,6 +45,7 @@ from gradleak.errors import GradleakError
 from gradleak.experiment import environment, strip_special
 from gradleak.flower.client import GROUND_TRUTH, PROTOCOL, set_parameters
 from gradleak.flower.spec import KEY_BATCH_SIZE, KEY_LOCAL_LR, KEY_LOCAL_STEPS
+from gradleak.knowledge import Knows
 from gradleak.metrics import Scores, score
 from gradleak.privacy import Mechanism, PrivacyReport, report
 from gradleak.victims import Victim, load_victim
@@ -52,7 +53,6 @@ from gradleak.victims import Victim, load_victim
 log = logging.getLogger(__name__)
 
 KIND = "fl"  # the store's kind of these records
-NEEDS_LENGTHS = ("dlg", "tag", "cos")  # gradient-matching attacks optimise sequences of known lengths
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,13 @@ class LeakageAudit(Strategy):
                 "seed": seed,
             }
         )
+        # what the server is given besides the update: the spec's known_* (default: the batch size only)
+        default = Knows()
+        self.knows = Knows(
+            batch_size=bool(self.spec.get("known_batch_size", default.batch_size)) and batch_size is not None,
+            lengths=bool(self.spec.get("known_lengths", default.lengths)),
+            labels=bool(self.spec.get("known_labels", default.labels)),
+        )
         self.on_leak = on_leak
         self.sink = None if store is None else _Sink(store)
         self.leaks: list[ClientLeak] = []
@@ -284,11 +291,15 @@ class LeakageAudit(Strategy):
         }
         update = Update(delta, "fedavg", self.local_lr, self.local_steps)
         notes: list[str] = []
-        lengths = None
-        if self.attack.name in NEEDS_LENGTHS:
-            lengths = tuple(len(t) for t in token_ids)
-            notes.append("sequence lengths given to the attack (gradient matching needs them)")
-        knowledge = Knowledge(batch_size=self.batch_size, lengths=lengths, perturbed=self.perturbed)
+        knows = self.knows
+        lengths = tuple(len(t) for t in token_ids) if knows.lengths else None
+        given_labels = truth.get("labels") if knows.labels else None
+        knowledge = Knowledge(
+            batch_size=self.batch_size if knows.batch_size else None,
+            lengths=lengths,
+            labels=None if given_labels is None else tuple(int(x) for x in given_labels),
+            perturbed=self.perturbed,
+        )
         error = None
         t0 = time.perf_counter()
         try:
@@ -383,6 +394,7 @@ class LeakageAudit(Strategy):
             "epsilon": leak.epsilon,
             "aggregate_epsilon": leak.aggregate_epsilon,
             "privacy": leak.privacy.to_json(),
+            "knowledge": self.knows.to_json(),  # what the attack was given besides the update
             "spec": spec,
             "environment": env,
         }

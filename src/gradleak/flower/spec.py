@@ -8,11 +8,11 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gradleak.attacks import AttackOptions, get_attack
 from gradleak.data import Example, filter_by_words, load_examples
-from gradleak.defenses import DefenseChain, DpSgd, Withhold
+from gradleak.defenses import DpSgd, Withhold
 from gradleak.errors import GradleakError
-from gradleak.privacy import Mechanism, check_delta, get_accountant
+from gradleak.privacy import Mechanism, check_delta
+from gradleak.spec import AttackSpec
 
 FLOWER_DP = ("none", "local", "central-client-clip")
 
@@ -24,7 +24,7 @@ KEY_BATCH_SIZE = "gradleak-batch-size"
 
 
 @dataclass(frozen=True)
-class FlSpec:
+class FlSpec(AttackSpec):
     """Everything that determines a federated run and its audit.
 
     `flower_dp` names Flower's own DP: `local` is `LocalDpMod(dp_clip, dp_sensitivity, dp_epsilon,
@@ -32,52 +32,28 @@ class FlSpec:
     `central-client-clip` is `fixedclipping_mod` on the clients with the server-side strategy wrapper
     `DifferentialPrivacyClientSideFixedClipping(noise_multiplier=dp_noise_multiplier,
     clipping_norm=dp_clip)`, which adds the noise to the aggregate. `defenses` are gradleak defences the
-    clients apply to their update (the weight delta) before Flower's mods."""
+    clients apply to their update (the weight delta) before Flower's mods. The shared fields (victim,
+    data, batch, defences, attack options, what the server knows) are `AttackSpec`'s."""
 
     victim: str = "gpt2-tiny"
     data: str = "sst2"
-    clients: int = 2
-    rounds: int = 2
-    batch_size: int = 1
-    local_steps: int = 1
-    local_lr: float = 0.01
     attack: str = "exact"
     iterations: int = 100
-    attack_lr: float = 0.01
-    optimizer: str = "adam"
-    seed: int = 0
-    task: str = "classify"
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_length: int = 32
-    max_words: int | None = None
-    force: bool = False
-    time_budget: float = 60.0
-    defenses: tuple[str, ...] = ()
+    clients: int = 2
+    rounds: int = 2
     flower_dp: str = "none"
     dp_clip: float | None = None
     dp_epsilon: float | None = None
     dp_delta: float | None = None
     dp_sensitivity: float | None = None
     dp_noise_multiplier: float | None = None
-    delta: float = 1e-5
-    accountant: str = "rdp"
 
     def validate(self) -> None:
+        self.validate_attack()
         if self.clients < 1:
             raise GradleakError(f"clients must be at least 1, got {self.clients}")
         if self.rounds < 1:
             raise GradleakError(f"rounds must be at least 1, got {self.rounds}")
-        if self.batch_size < 1:
-            raise GradleakError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.local_steps < 1:
-            raise GradleakError(f"local steps must be at least 1, got {self.local_steps}")
-        if not (self.local_lr > 0 and math.isfinite(self.local_lr)):
-            raise GradleakError(f"local learning rate must be a finite number > 0, got {self.local_lr}")
-        if self.max_length < 2:
-            raise GradleakError(f"max length must be at least 2, got {self.max_length}")
-        get_attack(self.attack)
-        self.options()  # iterations, attack learning rate, optimiser
         chain = self.defense_chain()
         if any(isinstance(d, Withhold) for d in chain):
             raise GradleakError(
@@ -89,8 +65,6 @@ class FlSpec:
                 "dp-sgd computes one FedSGD gradient: use --local-steps 1 with it "
                 "(the delta is -lr * gradient)"
             )
-        check_delta(self.delta)
-        get_accountant(self.accountant)
         self._validate_flower_dp()
 
     def _validate_flower_dp(self) -> None:
@@ -125,14 +99,6 @@ class FlSpec:
             _positive("--dp-noise-multiplier", self.dp_noise_multiplier)
 
     # ------------------------------------------------------------------ derived
-
-    def defense_chain(self) -> DefenseChain:
-        return DefenseChain.parse(self.defenses)
-
-    def options(self) -> AttackOptions:
-        from gradleak.experiment import attack_options
-
-        return attack_options(self)
 
     @property
     def local_dp_delta(self) -> float:

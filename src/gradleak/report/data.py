@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradleak.errors import GradleakError
+from gradleak.knowledge import Knows
 from gradleak.store import StoredRun
 
+DEFAULT_KNOWS = Knows()
 SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "token_accuracy", "exact_match")
 
 
@@ -41,10 +43,11 @@ class AttackRun:
     reconstructions: tuple[str, ...]
     seconds: float
     noise: NoiseLevel | None
+    knows: str = DEFAULT_KNOWS.describe()  # what the attack was given besides the update (Knows.describe)
 
     @property
-    def condition(self) -> tuple[str, str, str, int, tuple[str, ...]]:
-        return (self.victim, self.data, self.attack, self.batch_size, self.defenses)
+    def condition(self) -> tuple[str, str, str, int, tuple[str, ...], str]:
+        return (self.victim, self.data, self.attack, self.batch_size, self.defenses, self.knows)
 
     @property
     def chain(self) -> str:
@@ -87,7 +90,8 @@ class FailedRun:
 
 @dataclass(frozen=True)
 class Group:
-    """Attack runs of one condition (victim, data, attack, batch size, defences) over seeds."""
+    """Attack runs of one condition (victim, data, attack, batch size, defences, what the server knew)
+    over seeds."""
 
     runs: tuple[AttackRun, ...]
 
@@ -134,8 +138,8 @@ def group_runs(runs: Iterable[AttackRun]) -> list[Group]:
 
 
 def _order(condition: tuple[Any, ...]) -> tuple[Any, ...]:
-    victim, data, attack, b, defenses = condition
-    return (victim, data, attack, len(defenses) > 0, defenses, b)
+    victim, data, attack, b, defenses, knows = condition
+    return (victim, data, attack, len(defenses) > 0, defenses, b, knows)
 
 
 def noise_level(defenses: Sequence[str]) -> NoiseLevel | None:
@@ -180,6 +184,24 @@ def _attack(run: StoredRun, rec: dict[str, Any]) -> AttackRun:
         reconstructions=tuple(str(t) for t in rec.get("reconstructions", ())),
         seconds=float(rec.get("seconds", run.seconds)),
         noise=noise_level(defenses),
+        knows=knowledge_of(rec, spec).describe(),
+    )
+
+
+def knowledge_of(rec: dict[str, Any], spec: dict[str, Any]) -> Knows:
+    """What the attack of a record was given: the record's `knowledge`, else its spec's `known_*` fields
+    (records written before `knowledge` existed), each missing fact at the server's default."""
+    given = rec.get("knowledge")
+    if isinstance(given, dict):
+        return Knows(
+            batch_size=bool(given.get("batch_size", DEFAULT_KNOWS.batch_size)),
+            lengths=bool(given.get("lengths", DEFAULT_KNOWS.lengths)),
+            labels=bool(given.get("labels", DEFAULT_KNOWS.labels)),
+        )
+    return Knows(
+        batch_size=bool(spec.get("known_batch_size", DEFAULT_KNOWS.batch_size)),
+        lengths=bool(spec.get("known_lengths", DEFAULT_KNOWS.lengths)),
+        labels=bool(spec.get("known_labels", DEFAULT_KNOWS.labels)),
     )
 
 
@@ -197,7 +219,7 @@ def _train(run: StoredRun, rec: dict[str, Any]) -> TrainRun:
         seed=int(spec.get("seed", 0)),
         defenses=tuple(spec.get("defenses", ())),
         steps=tuple(int(s) for s in rec.get("steps", ())),
-        loss=tuple(float(x) for x in rec.get("loss", ())),
+        loss=tuple(math.nan if x is None else float(x) for x in rec.get("loss", ())),  # None: empty draw
         eval=evals,
         epsilon=_finite(rec.get("epsilon")),
         final_accuracy=_finite(rec.get("final_accuracy")),

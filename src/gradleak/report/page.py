@@ -72,15 +72,16 @@ def _attack_table(groups: Sequence[Group]) -> str:
                 e(r.attack),
                 str(r.batch_size),
                 e(r.chain),
+                e(r.knows),
                 str(len(g.runs)),
                 *(_num(g.mean(k)) for k in ("rouge1", "rouge2", "rougeL", "token_accuracy", "exact_match")),
                 e(_eps(g.epsilon)),
                 f"{g.seconds:.1f}",
             ]
         )
-    header = ["victim", "data", "attack", "B", "defences", "seeds", "ROUGE-1", "ROUGE-2", "ROUGE-L"]
-    header += ["token acc.", "exact", "ε (one release)", "attack seconds"]
-    return _table(header, rows, numeric=range(5, 13))
+    header = ["victim", "data", "attack", "B", "defences", "server knows", "seeds"]
+    header += ["ROUGE-1", "ROUGE-2", "ROUGE-L", "token acc.", "exact", "ε (one release)", "attack seconds"]
+    return _table(header, rows, numeric=range(6, 14))
 
 
 def _train_table(data: ReportData) -> str:
@@ -131,7 +132,10 @@ def _reconstructions(groups: Sequence[Group], limit: int) -> str:
         out.append(f'<p class="meta">The first seed of {limit} of {len(groups)} conditions.</p>')
     for g in groups[:limit]:
         r = g.first
-        title = f"{r.attack} on {r.victim}, {r.data}, B={r.batch_size}, seed {r.seed}, defences {r.chain}"
+        title = (
+            f"{r.attack} on {r.victim}, {r.data}, B={r.batch_size}, seed {r.seed}, defences {r.chain}, "
+            f"server knows {r.knows}"
+        )
         out.append(f"<h3>{e(title)}</h3>")
         out.append(
             f'<p class="meta">ROUGE-1 {r.scores["rouge1"]:.1f}, exact match {r.scores["exact_match"]:.0f}, '

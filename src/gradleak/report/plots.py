@@ -176,12 +176,11 @@ def training_curves(data: ReportData) -> Figure | None:
 
 
 def _smooth(values: Sequence[float], window: int = 5) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
+    """Mean of the last `window` finite values (a NaN, an empty Poisson draw's loss, is skipped)."""
+    out = []
+    for i in range(len(values)):
+        recent = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
+        out.append(sum(recent) / len(recent) if recent else math.nan)
     return out
 
 

@@ -68,13 +68,17 @@ def test_attack_writes_a_json_record(tmp_path):
 
 def test_json_to_stdout_is_pure_json(tmp_path):
     proc = gradleak(
-        "attack", "--data", "sample", "--attack", "dlg", "--iterations", "2", "--seed", "3", "--json", "-",
+        "attack", "--data", "sample", "--attack", "dlg", "--iterations", "2", "--seed", "3",
+        "--knows", "lengths,batch-size", "--json", "-",
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["attack"] == "dlg" and record["seed"] == 3 and record["data"] == "sample"
     assert record["spec"]["iterations"] == 2
+    # --knows reaches the spec: lengths and the batch size, not the labels
+    knows = {k: record["spec"][k] for k in ("known_batch_size", "known_lengths", "known_labels")}
+    assert knows == {"known_batch_size": True, "known_lengths": True, "known_labels": False}
     assert set(record["scores"]) == SCORE_KEYS
 
 

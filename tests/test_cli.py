@@ -223,6 +223,7 @@ CLI = Path(__file__).resolve().parents[1] / "src" / "gradleak" / "cli"
 
 def _cli_imports(path: Path) -> set[str]:
     """The gradleak.cli modules a file imports (anywhere in it, deferred imports included)."""
+
     def ours(name: str) -> bool:
         return name == "gradleak.cli" or name.startswith("gradleak.cli.")
 

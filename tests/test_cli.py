@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,12 @@ RECORD_KEYS = {
 }
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without what the CLI sets for its own child processes (an in-process CLI test
+    may have set it here): a subprocess starts as a user's shell would start it."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY")}
+
+
 def gradleak(*args: str, cwd=None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "gradleak", *args],
@@ -32,6 +39,7 @@ def gradleak(*args: str, cwd=None, timeout: float = 600) -> subprocess.Completed
         text=True,
         cwd=cwd,
         timeout=timeout,
+        env=clean_env(),
     )
 
 
@@ -178,7 +186,8 @@ def test_python_warnings_go_to_logging_and_show_only_when_verbose(verbose):
         "warnings.warn('a dependency is deprecating something', FutureWarning)\n"
         "import logging; logging.getLogger('transformers.modeling_utils').warning('chatter')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = clean_env()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     if verbose:
         assert "WARNING py.warnings:" in proc.stderr and "FutureWarning: a dependency" in proc.stderr
@@ -266,3 +275,21 @@ def test_the_entry_points_run(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["noise_multiplier"] == 1.0
+
+
+def test_sweep_workers_print_no_warnings(tmp_path):
+    """The worker processes of `sweep --workers 2` (spawned) keep quiet as the main process does."""
+    spec = tmp_path / "w.toml"
+    spec.write_text(
+        '[grid]\nseed = [0, 1]\n[fixed]\nvictim = "gpt2-tiny"\ndata = "sample"\nattack = "exact"\n',
+        encoding="utf-8",
+    )
+    env = clean_env()
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradleak", "sweep", str(spec), "--store", str(tmp_path / "w.sqlite"),
+         "--workers", "2", "--json", "-"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["done"] == 2
+    assert "Warning" not in proc.stderr, proc.stderr

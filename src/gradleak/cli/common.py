@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -52,6 +53,9 @@ def setup_logging(verbose: bool) -> None:
     logging.captureWarnings(True)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.NOTSET if verbose else logging.ERROR)
+    if not verbose:  # the same for the processes a sweep spawns (--workers N, Ray): they read these at start
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:  # transformers keeps its own verbosity (and handler) besides the logger's level
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover - transformers is a dependency

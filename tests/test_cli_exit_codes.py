@@ -187,7 +187,7 @@ def test_fl_exit_code_follows_the_audit(error, code, tmp_path, capsys, monkeypat
     got, err = main_in_process(("fl", "--clients", "2", "--rounds", "1"), capsys, monkeypatch)
     assert got == code, err
     if code:
-        assert _last_line(err) == "1 of 2 runs failed; errors in the output above"
+        assert _last_line(err) == "1 of 2 runs failed; errors in the tables above"
 
 
 def test_fl_knows_is_parsed_and_checked(capsys, monkeypatch):

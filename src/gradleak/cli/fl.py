@@ -141,9 +141,10 @@ def fl(
     if json_out is not None:
         write_json(result.to_json(), json_out)
     failures = fl_failures(result)
-    where = f"the store {store}" if store else "the output above"
-    if json_out is not None and json_out != "-":
-        where += f" and {json_out}"
+    places = [f"the store {store}"] if store else []
+    if json_out is not None:
+        places.append("the JSON on stdout" if json_out == "-" else json_out)
+    where = " and ".join(places) or "the tables above"
     finish_runs(len(failures), fl_refused(result), len(result.leaks) or spec.clients * spec.rounds, where)
 
 

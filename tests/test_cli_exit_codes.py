@@ -194,3 +194,31 @@ def test_fl_knows_is_parsed_and_checked(capsys, monkeypatch):
     pytest.importorskip("flwr")
     code, err = main_in_process(("fl", "--knows", "lengths,foo"), capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "unknown item 'foo'" in err
+
+
+def test_fl_passes_the_knows_fields_its_spec_has():
+    pytest.importorskip("flwr")
+    from dataclasses import dataclass
+
+    from gradleak.cli.fl import knows_fields
+    from gradleak.errors import GradleakError
+    from gradleak.knowledge import Knows, parse_knows
+
+    @dataclass(frozen=True)
+    class WithFields:
+        known_batch_size: bool = True
+        known_lengths: bool = False
+        known_labels: bool = False
+
+    @dataclass(frozen=True)
+    class WithoutFields:
+        victim: str = "gpt2-tiny"
+
+    assert knows_fields(parse_knows("labels,lengths"), WithFields) == {
+        "known_batch_size": False,
+        "known_lengths": True,
+        "known_labels": True,
+    }
+    assert knows_fields(Knows(), WithoutFields) == {}  # the default: what the Flower audit assumes
+    with pytest.raises(GradleakError, match="fl cannot take --knows labels yet"):
+        knows_fields(parse_knows("labels"), WithoutFields)

@@ -231,7 +231,6 @@ def test_flower_simulation_leaks_without_dp_and_local_dp_stops_it(tmp_path, caps
         # gave up would also score 0: it must not be why)
         assert leak.error is None, leak.error
         assert leak.reconstructions != leak.references
-        print(f"round {leak.round} client {leak.client}: read {leak.reconstructions}; notes {leak.notes}")
         assert leak.scores.exact_match == 0.0
     by_client = {c: [leak.epsilon for leak in dp.leaks if leak.client == c] for c in (0, 1)}
     assert all(eps[1] > eps[0] for eps in by_client.values())  # composed over the rounds

@@ -43,8 +43,8 @@ err = Console(stderr=True)
 
 def setup_logging(verbose: bool) -> None:
     """INFO from the library under --verbose, else warnings of gradleak only. Python warnings (a
-    dependency's FutureWarning, ...) go to logging and show only under --verbose, as does the
-    chatter of transformers and the other dependencies."""
+    dependency's FutureWarning, ...) go to logging and show only under --verbose, as do the warnings of
+    transformers and the other dependencies (their INFO chatter never)."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -52,19 +52,16 @@ def setup_logging(verbose: bool) -> None:
     )
     logging.captureWarnings(True)
     for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.NOTSET if verbose else logging.ERROR)
-    if not verbose:  # the same for the processes a sweep spawns (--workers N, Ray): they read these at start
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    # transformers sets its logger's level from TRANSFORMERS_VERBOSITY when it is imported (after this,
+    # when a command runs); processes a sweep spawns (--workers N, Ray) read both variables at start
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if verbose else "error")
+    if not verbose:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:  # transformers keeps its own verbosity (and handler) besides the logger's level
+    if "transformers" in sys.modules:  # already imported (a second call in one process): set it directly
         from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return
-    if verbose:
-        hf_logging.set_verbosity_warning()
-    else:
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+
+        hf_logging.set_verbosity(logging.WARNING if verbose else logging.ERROR)
 
 
 def write_json(payload: Any, target: str) -> None:

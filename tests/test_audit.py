@@ -13,6 +13,12 @@ from gradleak.report.data import AttackRun, FailedRun, ReportData
 from gradleak.store import Store
 
 
+def counts(summary: dict) -> dict:
+    """A sweep summary's total/done/skipped/failed, with no run refused (where it counts refusals)."""
+    assert summary.get("refused", 0) == 0, summary
+    return {k: v for k, v in summary.items() if k != "refused"}
+
+
 def _run(attack: str, defenses: tuple[str, ...], rouge1: float, exact: float, eps: float | None) -> AttackRun:
     scores = {"rouge1": rouge1, "rouge2": 0.0, "rougeL": 0.0, "token_accuracy": 0.0, "exact_match": exact}
     return AttackRun(
@@ -93,7 +99,7 @@ def test_audit_command_end_to_end(tmp_path, capsys, monkeypatch):
     code, stderr = main_in_process((*args, "--json", "audit.json"), capsys, monkeypatch)
     assert code == 0, stderr
     result = json.loads((tmp_path / "audit.json").read_text(encoding="utf-8"))
-    assert result["summary"] == {"total": 2, "done": 2, "skipped": 0, "failed": 0}
+    assert counts(result["summary"]) == {"total": 2, "done": 2, "skipped": 0, "failed": 0}
     assert (
         result["verdict"][0]
         == "Without a defence the server recovers 1/1 sentence exactly (ROUGE-1 100, exact attack)."
@@ -109,7 +115,12 @@ def test_audit_command_end_to_end(tmp_path, capsys, monkeypatch):
     code, stderr = main_in_process((*args, "--json", "again.json"), capsys, monkeypatch)
     assert code == 0, stderr
     again = json.loads((tmp_path / "again.json").read_text(encoding="utf-8"))
-    assert again["summary"] == {"total": 2, "done": 0, "skipped": 2, "failed": 0}  # found in the store
+    assert counts(again["summary"]) == {
+        "total": 2,
+        "done": 0,
+        "skipped": 2,
+        "failed": 0,
+    }  # found in the store
     assert again["verdict"] == result["verdict"]
 
 

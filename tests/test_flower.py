@@ -224,8 +224,13 @@ def test_flower_simulation_leaks_without_dp_and_local_dp_stops_it(tmp_path, caps
     # Flower's LocalDpMod: each client clips its update and adds Gaussian noise before sending it
     dp = run_fl(_spec(flower_dp="local", dp_clip=0.01, dp_epsilon=1.0), store=tmp_path / "dp.sqlite")
     assert len(dp.leaks) == 4
+    assert dp.errors == ()
     for leak in dp.leaks:
         assert leak.epsilon is not None and math.isfinite(leak.epsilon) and leak.epsilon > 0
+        # the attack ran on the noised update and did not read the sentence (an attack that crashed or
+        # gave up would also score 0: it must not be why)
+        assert leak.error is None, leak.error
+        assert leak.reconstructions != leak.references
         assert leak.scores.exact_match == 0.0
     by_client = {c: [leak.epsilon for leak in dp.leaks if leak.client == c] for c in (0, 1)}
     assert all(eps[1] > eps[0] for eps in by_client.values())  # composed over the rounds

@@ -20,6 +20,13 @@ from gradleak.store import Store, StoredRun, run_key
 from gradleak.sweeps import Job, load_plan, parse_plan, run_sweep
 from gradleak.sweeps.executors import LocalExecutor, make_executor
 
+
+def counts(summary: dict) -> dict:
+    """A sweep summary's total/done/skipped/failed, with no run refused (where it counts refusals)."""
+    assert summary.get("refused", 0) == 0, summary
+    return {k: v for k, v in summary.items() if k != "refused"}
+
+
 ISSUE_SPEC = """\
 [grid]
 victim = ["gpt2-tiny"]
@@ -29,9 +36,10 @@ attack = ["exact"]
 seed = [0, 1]
 """
 
-# six quick runs: a random 2-layer BERT, TAG for a few steps on the built-in sample
-QUICK_SPEC = """\
-name = "quick"
+# six runs of a random 2-layer BERT, TAG on the built-in sample (lengths known: TAG needs them), each
+# long enough (40 steps: seconds, not milliseconds) that a SIGKILL after the first lands mid-sweep
+SLOW_SPEC = """\
+name = "six"
 [grid]
 batch_size = [1, 2]
 seed = [0, 1, 2]
@@ -39,7 +47,8 @@ seed = [0, 1, 2]
 victim = "bert-tiny"
 data = "sample"
 attack = "tag"
-iterations = 3
+iterations = 40
+known_lengths = true
 """
 
 
@@ -185,22 +194,24 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     plan = parse_plan(
         {
             "grid": {"victim": ["no-such-victim", "bert-tiny"]},
-            "fixed": {"data": "sample", "attack": "tag", "iterations": 2},
+            "fixed": {"data": "sample", "attack": "tag", "iterations": 2, "known_lengths": True},
         }
     )
     with Store.open(tmp_path / "s.sqlite", create=True) as store:
         summary = run_sweep(plan.jobs, store, LocalExecutor())
-        assert summary.to_json() == {"total": 2, "done": 1, "skipped": 0, "failed": 1}
+        assert counts(summary.to_json()) == {"total": 2, "done": 1, "skipped": 0, "failed": 1}
         failed = [r for r in store.runs() if r.status == "failed"]
         assert len(failed) == 1 and "unknown victim 'no-such-victim'" in (failed[0].error or "")
         assert failed[0].record is None
         again = run_sweep(plan.jobs, store, LocalExecutor())  # failed runs are tried again
-        assert again.to_json() == {"total": 2, "done": 0, "skipped": 1, "failed": 1}
+        assert counts(again.to_json()) == {"total": 2, "done": 0, "skipped": 1, "failed": 1}
         assert store.count() == 2
 
 
 def test_sigkill_mid_sweep_then_rerun_gives_every_run_once(tmp_path):
-    spec = write(tmp_path, QUICK_SPEC)
+    """SIGKILL the sweep every time once the store holds a finished run and fewer than all six, then
+    re-run it: the finished runs are skipped, the rest run, every run is in the store exactly once."""
+    spec = write(tmp_path, SLOW_SPEC)
     store_path = tmp_path / "results.sqlite"
     args = [sys.executable, "-m", "gradleak", "sweep", str(spec), "--store", str(store_path)]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -217,22 +228,25 @@ def test_sigkill_mid_sweep_then_rerun_gives_every_run_once(tmp_path):
                 if done >= 1:
                     break
             time.sleep(0.05)
+        running = proc.poll() is None
+        if running:
+            os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
+            proc.kill()
         proc.wait(timeout=60)
-    assert done >= 1, proc.stderr.read().decode() if proc.stderr else ""
-    killed_mid_way = proc.returncode == -signal.SIGKILL
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert running, f"the sweep ended before it could be killed mid-way (exit {proc.returncode}): {stderr}"
+    assert proc.returncode == -signal.SIGKILL
     with Store.open(store_path) as store:
         before = store.count()
-    assert 1 <= before <= 6
+        assert all(r.status == "done" for r in store.runs())
+    assert 1 <= before < 6, before  # killed mid-way: some runs finished, not all
 
     rerun = gradleak("sweep", str(spec), "--store", str(store_path), "--json", "-", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)
-    assert summary == {"total": 6, "done": 6 - before, "skipped": before, "failed": 0}
-    if killed_mid_way:
-        assert before < 6
+    assert counts(summary) == {"total": 6, "done": 6 - before, "skipped": before, "failed": 0}
 
     keys = {j.key for j in load_plan(spec).jobs}
     rows = sqlite3.connect(store_path).execute("SELECT key, status FROM runs").fetchall()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gradleak.errors import GradleakError
+from gradleak.knowledge import Knows
 from gradleak.sweeps.jobs import Job
 
 if TYPE_CHECKING:  # the report's modules load matplotlib: only when a report is drawn
@@ -40,6 +41,7 @@ class AuditSpec:
     max_words: int | None = None
     delta: float = 1e-5
     accountant: str = "rdp"
+    knows: Knows = Knows()  # what the server knows of the batch (`--knows`): the runs' known_* fields
 
     def jobs(self) -> list[Job]:
         """Every attack on the plain update, then on the defended one; all specs validated."""
@@ -65,6 +67,7 @@ class AuditSpec:
                     defenses=chain,
                     delta=self.delta,
                     accountant=self.accountant,
+                    **self.knows.spec_fields(),
                 )
                 spec.validate()
                 jobs.append(Job("attack", spec))

@@ -1,4 +1,4 @@
-"""`gradleak theory recover` and `gradleak theory sweep`: thin, as the rest of the CLI."""
+"""`gradleak theory recover` and `gradleak theory sweep`: the theory lab, thin as the rest of the CLI."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from gradleak.cli.common import JsonOut, progress, write_json
 from gradleak.errors import GradleakError
 
 theory_app = typer.Typer(
@@ -17,7 +18,6 @@ theory_app = typer.Typer(
     help="The theory lab: gradient leakage in one softmax self-attention layer with a squared loss.",
 )
 DEFAULT_SIGMAS = "0,1e-8,1e-7,1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1"
-JsonOut = Annotated[str | None, typer.Option("--json", help="Write JSON to FILE ('-' for stdout).")]
 
 
 def _err() -> Console:
@@ -74,7 +74,6 @@ def recover_cmd(
     json_out: JsonOut = None,
 ) -> None:
     """DLG on one attention layer: recover X from the shared gradient and print the relative error."""
-    from gradleak.cli import _progress, write_json
     from gradleak.theory.recover import RecoverySpec, recover
 
     spec = RecoverySpec(
@@ -84,7 +83,7 @@ def recover_cmd(
     )  # fmt: skip
     spec.validate()
     _threads(threads)
-    with _progress(_err()) as bar:
+    with progress(_err()) as bar:
         job = bar.add_task(f"{optimizer} on attention-layer", total=iterations * restarts, objective=math.nan)
 
         def tick(step: int, total: int, value: float) -> None:
@@ -148,7 +147,6 @@ def sweep_cmd(
     json_out: JsonOut = None,
 ) -> None:
     """Where recovery succeeds: phase diagrams over (n, d), conditions, noise and convergence."""
-    from gradleak.cli import write_json
     from gradleak.theory.sweep import PARTS, SweepConfig, run_sweep
 
     cfg = SweepConfig(
@@ -158,11 +156,11 @@ def sweep_cmd(
     cfg.validate()
     _threads(threads)
     err = _err()
-    progress = Progress(
+    display = Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
     )  # fmt: skip
-    with progress as bar:
+    with display as bar:
         job = bar.add_task("theory sweep", total=None)
 
         def tick(done: int, total: int, what: str) -> None:

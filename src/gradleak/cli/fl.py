@@ -1,13 +1,19 @@
 """`gradleak fl`: a Flower simulation with the server-side leakage audit. Registered on the app in
-`gradleak.cli`; torch, Flower and Ray load only when the command runs."""
+`gradleak.cli`; torch, Flower and Ray load only when the command runs. Exits 1 when the audit of some
+client's update failed (a refusal by the attack is a result, not a failure)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from gradleak.cli.common import KnowsOption, finish_runs, write_json
+from gradleak.errors import GradleakError
+from gradleak.knowledge import DEFAULT_KNOWS, Knows, parse_knows
 
 
 def fl(
@@ -75,15 +81,16 @@ def fl(
     store: Annotated[
         str | None, typer.Option(help="Results store (SQLite) for one record per round and client.")
     ] = None,
+    knows: KnowsOption = DEFAULT_KNOWS,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write the leaks per round and client as JSON ('-': stdout).")
     ] = None,
 ) -> None:
     """Federated learning in Flower's simulation: what the server reads from each client's update."""
-    from gradleak.cli import write_json
     from gradleak.flower.simulation import run_fl
     from gradleak.flower.spec import FlSpec, partitions
 
+    known = knows_fields(parse_knows(knows), FlSpec)
     spec = FlSpec(
         victim=victim,
         data=data,
@@ -113,6 +120,7 @@ def fl(
         dp_noise_multiplier=dp_noise_multiplier,
         delta=delta,
         accountant=accountant,
+        **known,
     )
     spec.validate()
     partitions(spec)
@@ -132,6 +140,43 @@ def fl(
         show(result, Console())
     if json_out is not None:
         write_json(result.to_json(), json_out)
+    failures = fl_failures(result)
+    places = [f"the store {store}"] if store else []
+    if json_out is not None:
+        places.append("the JSON on stdout" if json_out == "-" else json_out)
+    where = " and ".join(places) or "the tables above"
+    finish_runs(len(failures), fl_refused(result), len(result.leaks) or spec.clients * spec.rounds, where)
+
+
+def knows_fields(known: Knows, spec_type: Any) -> dict[str, bool]:
+    """The known_* fields of `--knows` that the Flower spec takes. A field it lacks can only be left at
+    what the Flower audit assumes today (the default `--knows batch-size`); asking for another value
+    is a one-line error rather than a silently ignored option."""
+    have = {f.name for f in dataclasses.fields(spec_type)}
+    wanted = known.spec_fields()
+    default = Knows().spec_fields()
+    missing = [name for name, value in wanted.items() if name not in have and value != default[name]]
+    if missing:
+        raise GradleakError(f"fl cannot take --knows {known.describe()} yet: its spec has no {missing[0]}")
+    return {name: value for name, value in wanted.items() if name in have}
+
+
+def _refused(leak: Any) -> bool:
+    return bool(getattr(leak, "refused", False))
+
+
+def fl_failures(result: Any) -> list[str]:
+    """What failed in a federated run: a client that failed, and every client update whose audit ended
+    in an error that was not the attack refusing the scenario."""
+    failures = list(getattr(result, "errors", ()) or ())
+    for leak in result.leaks:
+        if leak.error is not None and not _refused(leak):
+            failures.append(f"round {leak.round} client {leak.client}: {leak.error}")
+    return failures
+
+
+def fl_refused(result: Any) -> int:
+    return sum(1 for leak in result.leaks if _refused(leak))
 
 
 def show(result, out: Console) -> None:

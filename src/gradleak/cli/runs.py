@@ -1,60 +1,32 @@
 """The commands that run many runs and read them back: `sweep`, `report` and `audit` (the main job).
 
 Registered on the app in `gradleak.cli`; heavy modules (torch, matplotlib, Ray) load only when a
-command runs, and the CLI's helpers are imported at call time (`gradleak.cli` imports this module).
+command runs. `sweep` and `audit` exit 1 when some run failed (a run the attack refused is a result).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gradleak import audit as audit_defaults
+from gradleak.cli.common import (
+    Device,
+    JsonOut,
+    KnowsOption,
+    console_for,
+    failed_count,
+    finish_runs,
+    sweep_progress,
+    write_json,
+)
 from gradleak.errors import GradleakError
-
-Device = Annotated[str | None, typer.Option(help="cpu or cuda: overrides every run's device.")]
-JsonOut = Annotated[str | None, typer.Option("--json", help="Write JSON to FILE ('-' for stdout).")]
-
-
-def _console(json_out: str | None) -> Console:
-    """Where human output goes: stderr when JSON goes to stdout."""
-    return Console(stderr=True) if json_out == "-" else Console()
-
-
-@contextmanager
-def _sweep_progress(total: int, console: Console):
-    """A two-line progress display: runs done, and the steps of the run in this process."""
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
-    with bar:
-        runs = bar.add_task("runs", total=total)
-        steps = bar.add_task("", total=1, visible=False)
-
-        def on_start(job) -> None:
-            bar.update(steps, description=f"  {job.label()}", completed=0, total=1, visible=True)
-
-        def on_result(row) -> None:
-            bar.advance(runs)
-            bar.update(steps, visible=False)
-
-        def progress(step: int, total_steps: int, value: float) -> None:
-            bar.update(steps, completed=step, total=total_steps)
-
-        yield on_start, on_result, progress
+from gradleak.knowledge import DEFAULT_KNOWS, parse_knows
 
 
 def _run(
@@ -67,7 +39,7 @@ def _run(
     runner = make_executor(executor, workers, address)
     with Store.open(store_path, create=True) as store:
         todo = len(jobs) - len(store.finished_keys() & {j.key for j in jobs})
-        with _sweep_progress(todo, console) as (on_start, on_result, progress):
+        with sweep_progress(todo, console) as (on_start, on_result, progress):
             summary = run_sweep(
                 jobs, store, runner, on_start=on_start, on_result=on_result, progress=progress
             )
@@ -77,9 +49,10 @@ def _run(
 
 def _show_summary(summary, store: str, console: Console) -> None:
     table = Table(title=f"sweep of {summary.total} run{'' if summary.total == 1 else 's'}, store {store}")
-    for col in ("total", "done", "skipped", "failed", "seconds"):
+    counts = summary.to_json()  # total, done, skipped, failed (and refused, where the summary counts it)
+    for col in (*counts, "seconds"):
         table.add_column(col, justify="right")
-    table.add_row(*(str(v) for v in summary.to_json().values()), f"{summary.seconds:.1f}")
+    table.add_row(*(str(v) for v in counts.values()), f"{summary.seconds:.1f}")
     console.print(table)
     for label, error in summary.errors:
         console.print(f"failed: {label}: {error}", markup=False, highlight=False)
@@ -100,16 +73,21 @@ def sweep(
     json_out: JsonOut = None,
 ) -> None:
     """Run a grid of runs, each stored as it finishes; re-running skips the finished ones."""
-    from gradleak.cli import write_json
     from gradleak.sweeps import load_plan
 
     overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
     plan = load_plan(spec, overrides)
-    console = _console(json_out)
+    console = console_for(json_out)
     summary, _ = _run(plan.jobs, store, executor, workers, address, console)
     _show_summary(summary, store, console)
     if json_out is not None:
         write_json(summary.to_json(), json_out)
+    failed, refused, total = failed_count([summary])
+    finish_runs(failed, refused, total, _store_errors(store))
+
+
+def _store_errors(store: str) -> str:
+    return f"the store {store} (gradleak report {store} lists them)"
 
 
 def report(
@@ -158,12 +136,13 @@ def audit(
         str, typer.Option(help="Results store to keep the runs in; a re-run skips the finished ones.")
     ] = "gradleak-audit.sqlite",
     out: Annotated[Path, typer.Option(help="The HTML report to write.")] = Path("gradleak-audit.html"),
+    knows: KnowsOption = DEFAULT_KNOWS,
     json_out: JsonOut = None,
 ) -> None:
     """The main job: attack one client's update with and without a defence; verdict, epsilon, report."""
-    from gradleak.cli import write_json
     from gradleak.report import load_report_data, write_report
 
+    known = parse_knows(knows)
     spec = audit_defaults.AuditSpec(
         victim=victim,
         data=data,
@@ -177,11 +156,12 @@ def audit(
         max_words=max_words,
         delta=delta,
         accountant=accountant,
+        knows=known,
     )
     jobs = spec.jobs()
     if not out.parent.exists():
         raise GradleakError(f"cannot write the report: folder {out.parent} does not exist")
-    console = _console(json_out)
+    console = console_for(json_out)
     summary, rows = _run(jobs, store, "local", 1, None, console)
     data_ = load_report_data(rows, source=store)
     sentences = audit_defaults.verdict(spec, data_)
@@ -202,6 +182,9 @@ def audit(
             },
             json_out,
         )
+    failed, refused, total = failed_count([summary])
+    where = f"{_store_errors(store)} and the report {path}"
+    finish_runs(failed, refused, total, where)
 
 
 COMMANDS: tuple[Callable[..., None], ...] = (sweep, report, audit)

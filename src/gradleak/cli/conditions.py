@@ -2,6 +2,7 @@
 docs/conditions.md with one section per study (plot, table, findings, the command that reproduces it).
 
 Registered on the app in `gradleak.cli`; the library (`gradleak.conditions`) loads when the command runs.
+Exits 1 when some run failed (the doc is still written); a run the attack refused is a result.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from gradleak.cli_runs import Device, JsonOut, _console, _sweep_progress
+from gradleak.cli.common import (
+    Device,
+    JsonOut,
+    console_for,
+    failed_count,
+    finish_runs,
+    sweep_progress,
+    write_json,
+)
 from gradleak.errors import GradleakError
 
 
@@ -47,7 +56,6 @@ def conditions(
     json_out: JsonOut = None,
 ) -> None:
     """Run the conditions studies (resuming from the store) and write their sections of the doc."""
-    from gradleak.cli import write_json
     from gradleak.conditions import build_table, load_study, study_paths, write_doc, write_section
     from gradleak.store import Store
     from gradleak.sweeps import run_sweep
@@ -67,13 +75,13 @@ def conditions(
     paths = study_paths(list(studies or []), studies_dir)
     loaded = [load_study(p, shrink=shrink, seeds=seeds, overrides=overrides) for p in paths]
     executor = make_executor("local", workers)
-    console = _console(json_out)
+    console = console_for(json_out)
     with Store.open(store, create=True) as st:
         summaries = {}
         if run:
             finished = st.finished_keys()
             todo = sum(1 for s in loaded for j in s.jobs if j.key not in finished)
-            with _sweep_progress(todo, console) as (on_start, on_result, progress):
+            with sweep_progress(todo, console) as (on_start, on_result, progress):
                 for study in loaded:
                     summaries[study.name] = run_sweep(
                         study.jobs, st, executor, on_start=on_start, on_result=on_result, progress=progress
@@ -103,3 +111,5 @@ def conditions(
     console.print(f"wrote {path} and {len(written)} figure(s) under {out.parent / out.stem}", markup=False)
     if json_out is not None:
         write_json({"out": str(path), "store": store, "studies": [w.to_json() for w in written]}, json_out)
+    failed, refused, total = failed_count(list(summaries.values()))
+    finish_runs(failed, refused, total, f"the store {store} (gradleak report {store} lists them)")

@@ -110,3 +110,19 @@ def test_matching_needs_lengths(bert_tiny, make_victim_batch):
     update = fedsgd(bert_tiny, batch)
     with pytest.raises(GradleakError, match="lengths"):
         get_attack("tag").reconstruct(bert_tiny, update, Knowledge(batch_size=1), AttackOptions(iterations=1))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_matching_leaves_the_victims_parameters_alone(bert_tiny, make_victim_batch, optimizer):
+    """The attack differentiates with respect to its dummies only: no .grad lands on the victim's
+    parameters (the model may be shared), and a fixed seed still gives one result."""
+    batch = make_victim_batch(bert_tiny, "cola", 2, 0, max_words=10)
+    update = fedsgd(bert_tiny, batch)
+    knowledge = Knowledge(batch_size=2, lengths=batch.lengths)
+    options = AttackOptions(iterations=3, seed=0, optimizer=optimizer)
+    for p in bert_tiny.model.parameters():
+        p.grad = None
+    first = get_attack("tag").reconstruct(bert_tiny, update, knowledge, options)
+    assert all(p.grad is None for p in bert_tiny.model.parameters())
+    again = get_attack("tag").reconstruct(bert_tiny, update, knowledge, options)
+    assert again.token_ids == first.token_ids and again.trace == first.trace

@@ -37,7 +37,6 @@ from gradleak.attacks.context import Candidates, ContextCheck, context_residuals
 from gradleak.attacks.encoder_search import assemble_encoder
 from gradleak.attacks.ends import hidden_prefixes
 from gradleak.attacks.labels import head_parameters, infer_labels
-from gradleak.attacks.matching import decode
 from gradleak.attacks.occurrences import Occurrences, resolve
 from gradleak.attacks.spans import Span, noisy_span_of, residual, span_of
 from gradleak.attacks.structure import (
@@ -52,8 +51,9 @@ from gradleak.attacks.structure import (
     position_embedding,
     word_embedding_name,
 )
+from gradleak.attacks.tokens import decode
 from gradleak.client import Update
-from gradleak.errors import GradleakError
+from gradleak.errors import Refusal
 from gradleak.victims import Victim
 
 log = logging.getLogger(__name__)
@@ -176,12 +176,12 @@ class ExactAttack:
         )
         for p in (*first, *groups[-1]):
             if p.name not in grads:
-                raise GradleakError(
+                raise Refusal(
                     f"the exact attack needs the gradient of {p.name}, which the client withheld"
                 )
         hidden = victim.hidden_size
         if knowledge.lengths is not None and sum(knowledge.lengths) >= hidden and not options.force:
-            raise GradleakError(
+            raise Refusal(
                 f"the batch holds {sum(knowledge.lengths)} tokens, at or above the hidden width "
                 f"{hidden}: span checks cannot separate them (use --force to try anyway)"
             )
@@ -191,7 +191,7 @@ class ExactAttack:
         # fixed thresholds tuned to rounding error would let noise-level false candidates through
         noisy = knowledge.perturbed or (span1.full and options.force)
         if span1.full and not noisy:
-            raise GradleakError(
+            raise Refusal(
                 f"the first layer's gradient has no clear rank below the hidden width {hidden} "
                 f"(rank {span1.rank}, gap {span1.gap:.3g}): the batch's token count reaches the width, "
                 "or the update is perturbed; span checks cannot hold (use --force to try anyway)"
@@ -217,7 +217,7 @@ class ExactAttack:
                 "reach the width, so every arrangement of the candidates would pass it"
             )
             if not options.force:
-                raise GradleakError(message + " (use --force to try anyway)")
+                raise Refusal(message + " (use --force to try anyway)")
             notes.append(message)
         threshold = _threshold(update) if not noisy else 1.0
         pool = token_set(victim, grads, noisy or knowledge.perturbed)

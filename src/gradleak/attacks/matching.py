@@ -26,8 +26,9 @@ from gradleak.attacks.base import (
     register,
 )
 from gradleak.attacks.labels import infer_labels
+from gradleak.attacks.tokens import candidate_mask, decode, special_template
 from gradleak.client import Update
-from gradleak.errors import GradleakError
+from gradleak.errors import Refusal
 from gradleak.victims import Victim
 
 log = logging.getLogger(__name__)
@@ -51,28 +52,6 @@ def _cos(dummy: list[torch.Tensor], true: list[torch.Tensor], opts: AttackOption
     return 1.0 - dot / (nd * nt + 1e-30)
 
 
-def special_template(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The ids the tokenizer always puts before and after the text (e.g. [CLS] and [SEP])."""
-    content = tokenizer.encode("a", add_special_tokens=False)
-    full = tokenizer.encode("a")
-    for start in range(len(full) - len(content) + 1):
-        if full[start : start + len(content)] == content:
-            return tuple(full[:start]), tuple(full[start + len(content) :])
-    return (), ()
-
-
-def candidate_mask(tokenizer, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """Tokens a reconstruction may contain: the vocabulary without special tokens."""
-    mask = torch.ones(vocab_size, dtype=torch.bool, device=device)
-    special = [i for i in tokenizer.all_special_ids if i is not None and i < vocab_size]
-    mask[special] = False
-    return mask
-
-
-def decode(victim: Victim, token_ids: list[list[int]]) -> tuple[str, ...]:
-    return tuple(victim.tokenizer.decode(t, skip_special_tokens=True).strip() for t in token_ids)
-
-
 @dataclass(frozen=True)
 class GradientMatching:
     name: str
@@ -90,7 +69,7 @@ class GradientMatching:
         start = time.perf_counter()
         knowledge.require(self.name, batch_size=True, lengths=True)
         if victim.task != "classify":
-            raise GradleakError(
+            raise Refusal(
                 f"attack {self.name!r} needs a classification task; use --attack exact for --task lm"
             )
         assert knowledge.lengths is not None and knowledge.batch_size is not None
@@ -105,7 +84,7 @@ class GradientMatching:
         emb = model.get_input_embeddings().weight.detach()
         names = [n for n in names if params[n] is not model.get_input_embeddings().weight]
         if not names:
-            raise GradleakError(f"attack {self.name!r}: no usable gradient was shared")
+            raise Refusal(f"attack {self.name!r}: no usable gradient was shared")
         true = [shared[n].to(device=device, dtype=dtype) for n in names]
 
         labels = knowledge.labels
@@ -168,7 +147,11 @@ class GradientMatching:
             def closure() -> torch.Tensor:
                 opt.zero_grad()
                 value = objective()
-                value.backward()
+                # only the dummies' gradients: value.backward() would also write .grad into the
+                # victim's parameters (a second backward through the double-backward graph, and
+                # state left on a model the caller may share)
+                for var, grad in zip(variables, torch.autograd.grad(value, variables), strict=True):
+                    var.grad = grad
                 return value
 
             value = float(opt.step(closure).detach())

@@ -382,3 +382,32 @@ def test_sweep_grid_reads_the_new_fields():
     assert spec.finetune_lr == 1.0 and isinstance(spec.finetune_lr, float) and spec.min_tokens == 64
     with pytest.raises(GradleakError, match="last:x"):
         parse_plan({"grid": {"share": ["last:x"]}})
+
+
+def test_refused_and_failed_come_from_the_stored_status_not_the_words():
+    from gradleak.conditions.table import _row, reason
+    from gradleak.store import StoredRun
+
+    def run(key: str, status: str, error: str | None) -> StoredRun:
+        scores = {"rouge1": 100.0, "rouge2": 100.0, "exact_match": 100.0}
+        record = {"scores": scores} if status == "done" else None
+        return StoredRun(key, "attack", {"seed": 0}, status, record, error, 1.0, 2.0, "0")
+
+    # a crash whose message happens to say "cannot" is a failure; a refusal in plain words is a refusal
+    crash = "RuntimeError: cannot reshape tensor"
+    assert reason("failed", crash) == f"failed: {crash}"
+    assert reason("refused", "attack 'tag' the batch is too long") == "refused: the batch is too long"
+    runs = [
+        run("a", "done", None),
+        run("b", "refused", "attack 'tag' needs the batch size, which this scenario withholds"),
+        run("c", "failed", "RuntimeError: cannot reshape tensor"),
+    ]
+    row = _row("p", "batch_size", 1, "", (), ("a", "b", "c"), runs, False, False)
+    assert (row.n, row.refused, row.failed) == (1, 1, 1)
+    assert row.note == (
+        "1 of 3 failed: RuntimeError: cannot reshape tensor; "
+        "1 of 3 refused: needs the batch size, which this scenario withholds"
+    )
+    only_refused = _row("p", "batch_size", 1, "", (), ("b",), runs[1:2], False, False)
+    assert only_refused.failed == 0 and only_refused.note.startswith("refused: needs the batch size")
+    assert only_refused.to_json([])["refused"] == 1

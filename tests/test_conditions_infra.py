@@ -11,7 +11,7 @@ from _cli import main_in_process
 
 from gradleak.client import fedavg, fedsgd, resolve_shared
 from gradleak.data import load_examples, make_batch, sample_examples, sample_with_tokens
-from gradleak.errors import GradleakError
+from gradleak.errors import GradleakError, Refusal
 from gradleak.experiment import RunSpec, run_one
 from gradleak.finetune import finetune, finetune_batches
 from gradleak.sweeps.grid import parse_plan
@@ -266,7 +266,7 @@ def test_tag_runs_on_attention_only():
 
 def test_unknown_batch_size_stops_tag_but_not_exact():
     spec = RunSpec(victim="bert-tiny", data="sst2", attack="tag", iterations=2, known_batch_size=False)
-    with pytest.raises(GradleakError) as exc:
+    with pytest.raises(Refusal) as exc:
         run_one(spec)
     assert "needs the batch size" in _one_line(exc)
     for known_lengths in (True, False):

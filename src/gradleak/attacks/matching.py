@@ -6,7 +6,9 @@ entries nearest (by cosine) to the optimised embeddings. Special tokens that the
 always adds (BERT's [CLS] ... [SEP]) are known to the server and kept fixed. Parameters whose
 shared gradient is identically zero are left out of the distance: the gradient of the attention
 key bias, for one, is always zero (softmax is shift invariant) and would pin the cosine distance
-at a floor.
+at a floor. Where the scenario withholds the sequence lengths, they are inferred from the update
+(`infer.infer_lengths`: the position-embedding gradient, the closing token's span check, the context
+span's rank) and the reconstruction's notes say what was inferred.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from gradleak.attacks.base import (
     Reconstruction,
     register,
 )
+from gradleak.attacks.infer import infer_lengths
 from gradleak.attacks.labels import infer_labels
 from gradleak.attacks.tokens import candidate_mask, decode, special_template
 from gradleak.client import Update
@@ -67,13 +70,19 @@ class GradientMatching:
         progress: Progress | None = None,
     ) -> Reconstruction:
         start = time.perf_counter()
-        knowledge.require(self.name, batch_size=True, lengths=True)
+        knowledge.require(self.name, batch_size=True)
         if victim.task != "classify":
             raise Refusal(
                 f"attack {self.name!r} needs a classification task; use --attack exact for --task lm"
             )
-        assert knowledge.lengths is not None and knowledge.batch_size is not None
-        lengths = list(knowledge.lengths)
+        assert knowledge.batch_size is not None
+        notes: list[str] = []
+        if knowledge.lengths is None:  # withheld: read off the gradients as the exact attack does
+            inferred = infer_lengths(victim, update, knowledge, self.name)
+            notes.append(inferred.how)
+            lengths = list(inferred.lengths)
+        else:
+            lengths = list(knowledge.lengths)
         bsz, max_len = knowledge.batch_size, max(lengths)
         model, device, dtype = victim.model, victim.device, victim.dtype
         gen = torch.Generator().manual_seed(options.seed)
@@ -88,7 +97,6 @@ class GradientMatching:
         true = [shared[n].to(device=device, dtype=dtype) for n in names]
 
         labels = knowledge.labels
-        notes: list[str] = []
         if labels is None:
             labels = infer_labels(victim, shared, bsz, lengths=lengths, seed=options.seed)
             if labels is not None:

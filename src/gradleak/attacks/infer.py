@@ -113,7 +113,7 @@ def infer_lengths(victim: Victim, update: Update, knowledge: Knowledge, attack: 
         elif len(ends) > bsz:
             how = f"{seen}: more than sequences, the longest and those the embedding gradients place kept"
         else:
-            how = f"{seen}; no token count shows, the remaining {bsz - len(lower)} set to the shortest found"
+            how = f"{seen}; no token count shows, the other {bsz - len(lower)} set to the shortest ({fill})"
     lengths = sorted(lengths, reverse=True)[:bsz]
     return InferredLengths(
         tuple(lengths), exact, f"lengths inferred from the gradients: {list(lengths)} ({how})"

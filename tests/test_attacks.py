@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from gradleak.attacks import ATTACKS, AttackOptions, Knowledge, get_attack
+from gradleak.attacks.infer import infer_lengths
+from gradleak.attacks.structure import position_embedding
 from gradleak.client import fedsgd
-from gradleak.errors import GradleakError
+from gradleak.errors import GradleakError, Refusal
 from gradleak.experiment import RunSpec, run_one
 from gradleak.metrics import mean_scores
 
@@ -105,8 +107,66 @@ def test_cosine_attack_short_run(bert_tiny, make_victim_batch):
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
-def test_matching_needs_lengths(bert_tiny, make_victim_batch):
+def test_matching_infers_withheld_lengths_on_gpt2_tiny(gpt2_tiny, make_victim_batch):
+    """B = 1 on a decoder: the position-embedding gradient's last non-zero row is the length."""
+    batch = make_victim_batch(gpt2_tiny, "cola", 1, 0)
+    update = fedsgd(gpt2_tiny, batch)
+    inferred = infer_lengths(gpt2_tiny, update, Knowledge(batch_size=1))
+    assert inferred.lengths == batch.lengths and inferred.exact
+    rec = get_attack("tag").reconstruct(
+        gpt2_tiny, update, Knowledge(batch_size=1), AttackOptions(iterations=2)
+    )
+    assert tuple(len(t) for t in rec.token_ids) == batch.lengths
+    assert f"length inferred from the position-embedding gradient: {batch.lengths[0]}" in rec.notes[0]
+
+
+def test_matching_infers_withheld_lengths_on_bert_tiny(bert_tiny, make_victim_batch):
+    """B = 2 on an encoder: the embedding gradients place each sequence's [SEP] (seeds 0..2)."""
+    for seed in range(3):
+        batch = make_victim_batch(bert_tiny, "cola", 2, seed)
+        update = fedsgd(bert_tiny, batch)
+        inferred = infer_lengths(bert_tiny, update, Knowledge(batch_size=2))
+        assert inferred.lengths == tuple(sorted(batch.lengths, reverse=True)) and inferred.exact
+    rec = get_attack("tag").reconstruct(
+        bert_tiny, update, Knowledge(batch_size=2), AttackOptions(iterations=2)
+    )
+    assert sorted(len(t) for t in rec.token_ids) == sorted(batch.lengths)
+    assert rec.notes[0].startswith("lengths inferred from the gradients: ")
+
+
+def test_matching_refuses_where_lengths_cannot_be_inferred(gpt2_tiny, make_victim_batch):
+    """No batch size, or (a decoder: no closing token to look for) no position-embedding gradient."""
+    batch = make_victim_batch(gpt2_tiny, "cola", 1, 0)
+    update = fedsgd(gpt2_tiny, batch)
+    with pytest.raises(Refusal, match="batch size"):
+        get_attack("tag").reconstruct(gpt2_tiny, update, Knowledge(), AttackOptions(iterations=1))
+    positions = position_embedding(gpt2_tiny.model)[0] + ".weight"
+    blind = update.replace({k: v for k, v in update.tensors.items() if k != positions})
+    with pytest.raises(Refusal, match="lengths, which this scenario withholds, and they cannot be inferred"):
+        get_attack("tag").reconstruct(gpt2_tiny, blind, Knowledge(batch_size=1), AttackOptions(iterations=1))
+
+
+def test_lengths_from_the_closing_token_without_positions(bert_tiny, make_victim_batch):
+    """Positions withheld, B = 1 on an encoder: the length is where [SEP] passes the span check."""
     batch = make_victim_batch(bert_tiny, "cola", 1, 0)
     update = fedsgd(bert_tiny, batch)
-    with pytest.raises(GradleakError, match="lengths"):
-        get_attack("tag").reconstruct(bert_tiny, update, Knowledge(batch_size=1), AttackOptions(iterations=1))
+    positions = position_embedding(bert_tiny.model)[0] + ".weight"
+    blind = update.replace({k: v for k, v in update.tensors.items() if k != positions})
+    inferred = infer_lengths(bert_tiny, blind, Knowledge(batch_size=1))
+    assert inferred.lengths == batch.lengths and "closing token's span check" in inferred.how
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_matching_leaves_the_victims_parameters_alone(bert_tiny, make_victim_batch, optimizer):
+    """The attack differentiates with respect to its dummies only: no .grad lands on the victim's
+    parameters (the model may be shared), and a fixed seed still gives one result."""
+    batch = make_victim_batch(bert_tiny, "cola", 2, 0, max_words=10)
+    update = fedsgd(bert_tiny, batch)
+    knowledge = Knowledge(batch_size=2, lengths=batch.lengths)
+    options = AttackOptions(iterations=3, seed=0, optimizer=optimizer)
+    for p in bert_tiny.model.parameters():
+        p.grad = None
+    first = get_attack("tag").reconstruct(bert_tiny, update, knowledge, options)
+    assert all(p.grad is None for p in bert_tiny.model.parameters())
+    again = get_attack("tag").reconstruct(bert_tiny, update, knowledge, options)
+    assert again.token_ids == first.token_ids and again.trace == first.trace

@@ -100,15 +100,22 @@ def test_shrunken_study_end_to_end(shrunk, name):
 
     entry = next(s for s in shrunk["json"]["studies"] if s["study"] == name)
     assert entry["rows"] and entry["runs"] == sum(
-        r["n"] + r["failed"] for r in entry["rows"] if not r["repeat"]
+        r["n"] + r["failed"] + r["refused"] for r in entry["rows"] if not r["repeat"]
     )
     with Store.open(shrunk["store"]) as store:
+        crashed = [
+            (r.spec, r.error)
+            for r in store.runs(keys=[k for row in entry["rows"] for k in row["keys"]])
+            if r.failed
+        ]
+        assert not crashed, f"runs of study {name} crashed (a refusal is stored as refused): {crashed[:3]}"
         for row in entry["rows"]:
             runs = store.runs(keys=row["keys"])
             done = [r for r in runs if r.done]
-            assert row["n"] == len(done) and row["failed"] == len(runs) - len(done)
+            refused = [r for r in runs if r.refused]
+            assert row["n"] == len(done) and row["refused"] == len(refused) and row["failed"] == 0
             if not done:
-                assert row["rouge1"] is None and row["note"].startswith(("refused: ", "failed: "))
+                assert row["rouge1"] is None and row["note"].startswith("refused: ")
                 assert row["note"].replace("|", "\\|") in section
                 continue
             for key in ("rouge1", "rouge2", "exact_match"):

@@ -11,7 +11,7 @@ from _cli import main_in_process
 
 from gradleak.client import fedavg, fedsgd, resolve_shared
 from gradleak.data import load_examples, make_batch, sample_examples, sample_with_tokens
-from gradleak.errors import GradleakError
+from gradleak.errors import GradleakError, Refusal
 from gradleak.experiment import RunSpec, run_one
 from gradleak.finetune import finetune, finetune_batches
 from gradleak.sweeps.grid import parse_plan
@@ -266,7 +266,7 @@ def test_tag_runs_on_attention_only():
 
 def test_unknown_batch_size_stops_tag_but_not_exact():
     spec = RunSpec(victim="bert-tiny", data="sst2", attack="tag", iterations=2, known_batch_size=False)
-    with pytest.raises(GradleakError) as exc:
+    with pytest.raises(Refusal) as exc:
         run_one(spec)
     assert "needs the batch size" in _one_line(exc)
     for known_lengths in (True, False):
@@ -382,3 +382,32 @@ def test_sweep_grid_reads_the_new_fields():
     assert spec.finetune_lr == 1.0 and isinstance(spec.finetune_lr, float) and spec.min_tokens == 64
     with pytest.raises(GradleakError, match="last:x"):
         parse_plan({"grid": {"share": ["last:x"]}})
+
+
+def test_refused_and_failed_come_from_the_stored_status_not_the_words():
+    from gradleak.conditions.table import _row, reason
+    from gradleak.store import StoredRun
+
+    def run(key: str, status: str, error: str | None) -> StoredRun:
+        scores = {"rouge1": 100.0, "rouge2": 100.0, "exact_match": 100.0}
+        record = {"scores": scores} if status == "done" else None
+        return StoredRun(key, "attack", {"seed": 0}, status, record, error, 1.0, 2.0, "0")
+
+    # a crash whose message happens to say "cannot" is a failure; a refusal in plain words is a refusal
+    crash = "RuntimeError: cannot reshape tensor"
+    assert reason("failed", crash) == f"failed: {crash}"
+    assert reason("refused", "attack 'tag' the batch is too long") == "refused: the batch is too long"
+    runs = [
+        run("a", "done", None),
+        run("b", "refused", "attack 'tag' needs the batch size, which this scenario withholds"),
+        run("c", "failed", "RuntimeError: cannot reshape tensor"),
+    ]
+    row = _row("p", "batch_size", 1, "", (), ("a", "b", "c"), runs, False, False)
+    assert (row.n, row.refused, row.failed) == (1, 1, 1)
+    assert row.note == (
+        "1 of 3 failed: RuntimeError: cannot reshape tensor; "
+        "1 of 3 refused: needs the batch size, which this scenario withholds"
+    )
+    only_refused = _row("p", "batch_size", 1, "", (), ("b",), runs[1:2], False, False)
+    assert only_refused.failed == 0 and only_refused.note.startswith("refused: needs the batch size")
+    assert only_refused.to_json([])["refused"] == 1

@@ -185,8 +185,10 @@ def _exact_rouge(victim, batch, defenses, seed=0):
     return score_reconstruction(victim, batch, rec).rouge1, rec
 
 
-def test_exact_attack_degrades_gracefully_under_noise(gpt2_tiny, make_victim_batch):
-    batch = make_victim_batch(gpt2_tiny, "rt", 1, 3, max_words=20)
+@pytest.mark.parametrize("seed", range(3))
+def test_exact_attack_degrades_gracefully_under_noise(gpt2_tiny, make_victim_batch, seed):
+    # measured on seeds 0-4: 100 / 100 at sigma 1e-4, 100 / 11 / 100 / 100 / 69 at 1e-3, 0 at 1e-1
+    batch = make_victim_batch(gpt2_tiny, "rt", 1, seed, max_words=20)
     scores = {}
     for sigma in (0.0, 1e-4, 1e-3, 1e-1):
         defenses = [f"gaussian:sigma={sigma}"] if sigma else []
@@ -198,11 +200,14 @@ def test_exact_attack_degrades_gracefully_under_noise(gpt2_tiny, make_victim_bat
     assert scores[0.0] >= scores[1e-4] >= scores[1e-3] >= scores[1e-1]
 
 
-def test_exact_attack_under_dp_sgd_without_noise_still_recovers(gpt2_tiny, make_victim_batch):
-    batch = make_victim_batch(gpt2_tiny, "sst2", 2, 4, max_words=15)
+@pytest.mark.parametrize("seed", range(5))
+def test_exact_attack_under_dp_sgd_without_noise_still_recovers(gpt2_tiny, make_victim_batch, seed):
+    batch = make_victim_batch(gpt2_tiny, "sst2", 2, seed, max_words=15)
     rouge, rec = _exact_rouge(gpt2_tiny, batch, ["dp-sgd:clip=1e-3,multiplier=0"])
     assert rouge == 100.0  # clipping rescales each example's gradient: its span is unchanged
-    assert list(rec.labels) == [int(x) for x in batch.labels]  # labels from the sign pattern
+    # labels from the sign pattern, per recovered sentence (the reconstruction's order is its own)
+    truth = dict(zip(batch.texts, (int(x) for x in batch.labels), strict=True))
+    assert dict(zip(rec.texts, rec.labels, strict=True)) == truth
 
 
 @pytest.mark.slow

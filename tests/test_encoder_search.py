@@ -26,6 +26,9 @@ RELAXED_SHARE = 0.9  # measured: see test_relaxed_start_rounds_to_most_of_the_ba
 
 @pytest.fixture(scope="module")
 def minilm_batch(minilm, make_victim_batch):
+    # seed 1: the batch RELAXED_SHARE was measured on. Not seed 0: there the scorer and one-edit tests
+    # pass too, but the relaxed start puts only 32 of 64 tokens in their slots (measured), so the
+    # share below is this batch's, not a bound for every batch
     batch = make_victim_batch(minilm, "sst2", 4, 1, min_words=5, max_words=20)
     grads = fedsgd(minilm, batch).gradients()
     span = span_of(gradient_rows(grads, mixing_projections(minilm, 0)))
@@ -180,7 +183,7 @@ def test_minilm_batch_of_eight_with_lengths_unknown(minilm, make_victim_batch):
     """Lengths and labels unknown, batch size known: solved sentences are peeled off and the rest
     re-assigned under the token count the context span's rank gives."""
     attack = get_attack("exact")
-    for seed in (4, 5):
+    for seed in range(4):  # measured: all four exact, 3-11 s each
         batch = make_victim_batch(minilm, "sst2", 8, seed, min_words=5, max_words=20)
         rec = attack.reconstruct(
             minilm, fedsgd(minilm, batch), Knowledge(batch_size=8), AttackOptions(time_budget=600)
@@ -206,8 +209,12 @@ def test_noisy_update_with_empty_positions_is_searched_without_error(minilm, sig
         seed=0,
     )
     record = run_one(spec)
-    assert 0.0 <= record.scores.rouge1 <= 100.0
+    # ROUGE-1 has no useful lower bound here: measured 0.0 at both sigmas on seed 0 (at most 15.4 on
+    # seeds 1-2), as the noise leaves the first layer's span a rank of 1-3. What the test guards is
+    # that the search ran through the conditions the regressions were about, and said so
+    assert len(record.reconstructions) <= spec.batch_size
     assert any("perturbed update" in n for n in record.notes), record.notes
+    assert any("have no candidate in the first layer's span" in n for n in record.notes), record.notes
 
 
 def test_sketched_estimates_track_exact_residuals(minilm_batch, minilm_scorer):

@@ -190,7 +190,7 @@ def test_cli_refuses_too_many_tokens_with_one_line(tmp_path):
 def test_encoder_lengths_never_shorter_than_the_template(minilm):
     from gradleak.attacks.context import Candidates
     from gradleak.attacks.lengths import encoder_lengths
-    from gradleak.attacks.matching import special_template
+    from gradleak.attacks.tokens import special_template
 
     prefix, suffix = special_template(minilm.tokenizer)
     sep = suffix[-1]

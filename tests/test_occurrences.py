@@ -26,7 +26,7 @@ def test_the_property_holds_for_minilm_and_not_for_gpt2(minilm, gpt2_tiny):
     assert not holds(gpt2_tiny)  # the raw embedding sum enters the residual stream
 
 
-@pytest.mark.parametrize("seed", [1, 9])
+@pytest.mark.parametrize("seed", range(4))  # measured on seeds 0-9: 81-100 % placed, none wrongly
 def test_pins_are_true_and_complete_positions_exact(make_victim_batch, minilm, seed):
     batch = make_victim_batch(minilm, "sst2", 4, seed, max_length=64)
     grads = fedsgd(minilm, batch).gradients()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import time
 from pathlib import Path
 
@@ -187,3 +188,27 @@ def test_the_report_in_headless_chromium(report_html, tmp_path):
 
     pixels = imread(io.BytesIO(loaded.screenshot), format="png")
     assert pixels.shape[0] > 1000 and pixels.std() > 0.05  # a long page with content, not a blank one
+
+
+def test_refused_runs_are_listed_apart_from_failed_ones(store_path):
+    spec = RunSpec(victim="gpt2-tiny", attack="exact", batch_size=64)
+    refused = StoredRun(
+        run_key("attack", spec),
+        "attack",
+        json.loads(canonical(spec)),
+        "refused",
+        None,
+        "the batch holds 900 tokens, at or above the hidden width 64 <i>",
+        1.0,
+        2.0,
+        "0.1.0",
+    )
+    with Store.open(store_path) as store:
+        runs = [*store.runs(), refused]  # the module's store stays as it is
+    data = load_report_data(runs)
+    assert [f.error for f in data.refused] == [refused.error]
+    assert all(f.label != data.refused[0].label for f in data.failed) and len(data.failed) == 1
+    page = render(data)
+    assert "<h2>Refused runs</h2>" in page and "1 refused, 1 failed" in page
+    refusals = page.split("<h2>Refused runs</h2>")[1].split("<h2>Failed runs</h2>")[0]
+    assert html.escape(refused.error) in refusals and "no-such" not in refusals

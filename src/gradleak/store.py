@@ -2,16 +2,24 @@
 
 A row is written in its own transaction as soon as its run finishes, so a sweep killed at any moment
 (even with SIGKILL) loses at most the runs still in flight, and re-running it skips every run whose
-row says `done`. A run that failed is stored with its error; a re-run tries it again.
+row says `done` or `refused`. A run whose attack declined the scenario (a `gradleak.errors.Refusal`:
+one of its assumptions fails) is a result, stored as `refused` with the refusal as its error, and not
+run again; a run that failed any other way (a crash) is stored as `failed` with its error, and a
+re-run tries it again.
 
 Schema (version `SCHEMA`):
 
 - `meta(key, value)`: `application = gradleak` marks the file as a gradleak store; `schema` is its
   version; `created` the time it was made.
 - `runs`: `key` (sha256 of the canonical spec, the primary key), `kind` (`attack`, or `train` for a
-  training run), `spec` (canonical JSON: sorted keys, tuples as lists), `status` (`done` or
-  `failed`), `record` (the full record JSON of a done run), `error` (one line, for a failed run),
-  `started` / `finished` (Unix seconds), `version` (the gradleak version that ran it).
+  training run), `spec` (canonical JSON: sorted keys, tuples as lists), `status` (`done`, `refused`
+  or `failed`), `record` (the full record JSON of a done run), `error` (one line: the refusal of a
+  refused run, the error of a failed one), `started` / `finished` (Unix seconds), `version` (the
+  gradleak version that ran it).
+
+Schema 1 allowed only `done` and `failed`; a schema-1 store is migrated in place to schema 2 when it
+is opened (the runs table is rebuilt with the wider status check, rows unchanged). Refusals stored by
+schema-1 gradleak are `failed` rows and stay so (a re-run tries them again and stores them right).
 """
 
 from __future__ import annotations
@@ -33,13 +41,13 @@ from gradleak.errors import GradleakError
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2
 APPLICATION = "gradleak"
-STATUSES = ("done", "failed")
+STATUSES = ("done", "refused", "failed")
+RESULTS = ("done", "refused")  # statuses a re-run skips: the run's outcome, not a crash
 
-_CREATE = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
+_RUNS = f"""
+CREATE TABLE IF NOT EXISTS {{table}} (
     key TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
     spec TEXT NOT NULL,
@@ -50,6 +58,10 @@ CREATE TABLE IF NOT EXISTS runs (
     finished REAL NOT NULL,
     version TEXT NOT NULL
 );
+"""
+_CREATE = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+{_RUNS.format(table="runs")}
 CREATE INDEX IF NOT EXISTS runs_kind ON runs (kind);
 """
 
@@ -87,7 +99,8 @@ def gradleak_version() -> str:
 
 @dataclass(frozen=True)
 class StoredRun:
-    """One row of the store: a finished run, done (with its record) or failed (with its error)."""
+    """One row of the store: a finished run, done (with its record), refused (the attack declined the
+    scenario; the refusal is its error) or failed (with its error)."""
 
     key: str
     kind: str
@@ -102,6 +115,14 @@ class StoredRun:
     @property
     def done(self) -> bool:
         return self.status == "done"
+
+    @property
+    def refused(self) -> bool:
+        return self.status == "refused"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
 
     @property
     def seconds(self) -> float:
@@ -175,6 +196,8 @@ class Store:
             raise GradleakError(
                 f"{path} is a gradleak store of schema {version!r}; this gradleak reads schema {SCHEMA}"
             )
+        if int(version) < 2:
+            _migrate_1_to_2(path, conn)
 
     # ------------------------------------------------------------------ writing
 
@@ -199,8 +222,9 @@ class Store:
     # ------------------------------------------------------------------ reading
 
     def finished_keys(self) -> set[str]:
-        """Keys of the runs stored as done (a re-run skips them)."""
-        return {r[0] for r in self._conn.execute("SELECT key FROM runs WHERE status = 'done'")}
+        """Keys of the runs stored as done or refused (a re-run skips them; failed runs run again)."""
+        sql = f"SELECT key FROM runs WHERE status IN ({', '.join('?' * len(RESULTS))})"
+        return {r[0] for r in self._conn.execute(sql, RESULTS)}
 
     def runs(self, kind: str | None = None, keys: Iterable[str] | None = None) -> list[StoredRun]:
         """Stored runs in the order they finished, optionally of one kind or among some keys."""
@@ -231,6 +255,25 @@ class _transaction:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _migrate_1_to_2(path: Path, conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: the runs table's status check admits `refused`. SQLite cannot alter a check, so
+    the table is rebuilt (rows copied unchanged) in one transaction. A store this process may not
+    write stays at schema 1: it reads as before, and a refused run cannot be written to it."""
+    try:
+        with _transaction(conn):
+            conn.execute("DROP TABLE IF EXISTS runs_v2")
+            conn.execute(_RUNS.format(table="runs_v2"))
+            conn.execute("INSERT INTO runs_v2 SELECT * FROM runs")
+            conn.execute("DROP TABLE runs")
+            conn.execute("ALTER TABLE runs_v2 RENAME TO runs")
+            conn.execute("CREATE INDEX IF NOT EXISTS runs_kind ON runs (kind)")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA),))
+    except sqlite3.OperationalError as exc:  # read-only file or folder
+        log.warning("store %s stays at schema 1 (cannot migrate: %s)", path, exc)
+        return
+    log.info("migrated store %s to schema %d", path, SCHEMA)
 
 
 def _row(r: tuple[Any, ...]) -> StoredRun:

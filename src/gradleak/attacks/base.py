@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from gradleak.client import Update
-from gradleak.errors import GradleakError
+from gradleak.errors import GradleakError, Refusal
 from gradleak.victims import Victim
 
 Progress = Callable[[int, int, float], None]  # (step, total, objective)
@@ -24,9 +24,9 @@ class Knowledge:
 
     def require(self, attack: str, *, batch_size: bool = False, lengths: bool = False) -> None:
         if batch_size and self.batch_size is None:
-            raise GradleakError(f"attack {attack!r} needs the batch size, which this scenario withholds")
+            raise Refusal(f"attack {attack!r} needs the batch size, which this scenario withholds")
         if lengths and self.lengths is None:
-            raise GradleakError(
+            raise Refusal(
                 f"attack {attack!r} needs the sequence lengths, which this scenario withholds"
             )
 

@@ -23,10 +23,10 @@ from scipy.optimize import linear_sum_assignment
 from gradleak.attacks.base import Knowledge
 from gradleak.attacks.context import Candidates, ContextCheck, context_residuals
 from gradleak.attacks.lengths import encoder_lengths, length_hypotheses
-from gradleak.attacks.matching import special_template
 from gradleak.attacks.relaxation import relaxed_start
 from gradleak.attacks.scorer import AttentionScorer
 from gradleak.attacks.structure import attention_projections, mixing_projections
+from gradleak.attacks.tokens import special_template
 from gradleak.victims import Victim
 
 log = logging.getLogger(__name__)

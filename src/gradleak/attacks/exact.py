@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,7 +38,6 @@ from gradleak.attacks.context import Candidates, ContextCheck, context_residuals
 from gradleak.attacks.encoder_search import assemble_encoder
 from gradleak.attacks.ends import hidden_prefixes
 from gradleak.attacks.labels import head_parameters, infer_labels
-from gradleak.attacks.matching import decode
 from gradleak.attacks.occurrences import Occurrences, resolve
 from gradleak.attacks.spans import Span, noisy_span_of, residual, span_of
 from gradleak.attacks.structure import (
@@ -52,8 +52,9 @@ from gradleak.attacks.structure import (
     position_embedding,
     word_embedding_name,
 )
+from gradleak.attacks.tokens import decode
 from gradleak.client import Update
-from gradleak.errors import GradleakError
+from gradleak.errors import Refusal
 from gradleak.victims import Victim
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,22 @@ def position_candidates(
     return pool[keep][order], res[keep][order]
 
 
+@dataclass
+class _Scene:
+    """What the exact attack's steps share: the update's gradients and where the span checks look."""
+
+    grads: dict[str, torch.Tensor]
+    first: tuple[Projection, ...]  # the first attention's input projections (the span checks)
+    causal: bool
+    groups: list[tuple[Projection, ...]]  # context-check candidates, first choice first
+    hidden: int
+    notes: list[str]
+    span1: Span | None = None
+    noisy: bool = False
+    threshold: float = ACCEPT
+    check: ContextCheck | None = None
+
+
 class ExactAttack:
     name = "exact"
 
@@ -155,154 +172,213 @@ class ExactAttack:
         progress: Progress | None = None,
     ) -> Reconstruction:
         start = time.perf_counter()
-        notes: list[str] = []
-        if update.kind == "fedavg" and update.local_steps > 1:
-            notes.append(
-                "FedAvg with several local steps: the delta mixes gradients at several weights, "
-                "so the span argument holds only approximately"
-            )
-        grads = update.gradients()
-        first = attention_projections(victim, 0)
-        causal = is_causal(victim)
-        second = context_projections(victim, 0)
-        # encoders: the attention's own context is checked first (the search can score it fast), the
-        # MLP input where that span shows no clean rank
-        mixing = mixing_projections(victim, 0)
-        shared = not causal and all(p.name in grads for p in mixing)
-        groups = (
-            [mixing, second]
-            if shared and all(p.name in grads for p in second)
-            else [mixing if shared else second]
-        )
-        for p in (*first, *groups[-1]):
-            if p.name not in grads:
-                raise GradleakError(
-                    f"the exact attack needs the gradient of {p.name}, which the client withheld"
-                )
-        hidden = victim.hidden_size
-        if knowledge.lengths is not None and sum(knowledge.lengths) >= hidden and not options.force:
-            raise GradleakError(
-                f"the batch holds {sum(knowledge.lengths)} tokens, at or above the hidden width "
-                f"{hidden}: span checks cannot separate them (use --force to try anyway)"
-            )
-        span1 = span_of(gradient_rows(grads, first))
-        probe = first[0]
-        # a perturbed update (the server knows the protocol) is treated as noisy even where a gap shows:
-        # fixed thresholds tuned to rounding error would let noise-level false candidates through
-        noisy = knowledge.perturbed or (span1.full and options.force)
-        if span1.full and not noisy:
-            raise GradleakError(
-                f"the first layer's gradient has no clear rank below the hidden width {hidden} "
-                f"(rank {span1.rank}, gap {span1.gap:.3g}): the batch's token count reaches the width, "
-                "or the update is perturbed; span checks cannot hold (use --force to try anyway)"
-            )
-        # the rank: by the gap where one shows (noise still below rounding), else above the noise bulk
-        how = "at its singular-value gap"
-        if noisy and span1.full:
-            span1 = noisy_span_of(gradient_rows(grads, first))
-            how = "above the noise bulk"
-        if noisy:
-            notes.append(
-                f"perturbed update: first-layer rank {span1.rank} of {hidden} cut {how}, "
-                "candidates ranked against random tokens"
-            )
-            if span1.rank >= NOISY_FILL * hidden:
-                notes.append("no signal stands out of the noise: nothing recovered")
-                return Reconstruction((), (), None, (), time.perf_counter() - start, tuple(notes))
-        check = _context_check(grads, groups, noisy)
-        if check.span.full and not noisy:
-            message = (
-                f"the context check's gradient ({check.proj.name}) has no clear rank below the hidden "
-                f"width {hidden} (rank {check.span.rank}, gap {check.span.gap:.3g}): the batch's tokens "
-                "reach the width, so every arrangement of the candidates would pass it"
-            )
-            if not options.force:
-                raise GradleakError(message + " (use --force to try anyway)")
-            notes.append(message)
-        threshold = _threshold(update) if not noisy else 1.0
-        pool = token_set(victim, grads, noisy or knowledge.perturbed)
-        vocab_pool = pool is None
-        if pool is None:
-            vocab = victim.model.get_input_embeddings().weight.shape[0]
-            pool = torch.arange(vocab)
-            notes.append("word-embedding gradient not available: the whole vocabulary is the candidate set")
-        else:
-            notes.append(f"token set of {len(pool)} ids from the word-embedding gradient")
-        n_pos = occupied_positions(victim, grads, noisy or knowledge.perturbed)
-        if n_pos is None:
-            n_pos = max(knowledge.lengths) if knowledge.lengths else None
-        limit = n_pos if n_pos is not None else victim.model.config.max_position_embeddings
-        candidates = Candidates([], [])
+        scene = _scene(victim, update)
+        _require_gradients(scene)
+        _require_room(scene, knowledge, options)
+        _first_span(scene, knowledge, options)
+        if scene.noisy and scene.span1.rank >= NOISY_FILL * scene.hidden:  # type: ignore[union-attr]
+            scene.notes.append("no signal stands out of the noise: nothing recovered")
+            return Reconstruction((), (), None, (), time.perf_counter() - start, tuple(scene.notes))
+        _choose_context_check(scene, options)
+        scene.threshold = _threshold(update) if not scene.noisy else 1.0
         gen = torch.Generator().manual_seed(options.seed)
-        vocab_size = victim.model.get_input_embeddings().weight.shape[0]
-        for p in range(limit):
-            null = torch.randint(0, vocab_size, (NULL_SAMPLES,), generator=gen) if noisy else None
-            toks, scores = position_candidates(victim, probe, span1, pool, p, threshold, null)
-            if noisy and knowledge.batch_size is not None:  # ranked: the best few per position
-                toks, scores = toks[: 4 * knowledge.batch_size + 4], scores[: 4 * knowledge.batch_size + 4]
-            if len(toks) == 0 and n_pos is None:
-                break
-            candidates.tokens.append(toks)
-            candidates.scores.append(scores)
-            if progress is not None:
-                progress(p + 1, limit, float(scores[0]) if len(scores) else float("nan"))
-        if not noisy:
-            candidates = _tighten(candidates, threshold)
-            occ = None if causal or vocab_pool else resolve(victim, grads, pool, len(candidates.tokens))
-            if occ is not None:
-                candidates = _restrict(candidates, occ)
-                notes.append(
-                    f"embedding gradients place {sum(len(s) for s in occ.pinned)} token occurrences; "
-                    f"{sum(occ.complete)} of {len(occ.complete)} positions complete"
-                )
-        log.info(
-            "rank %d/%d, %d positions, candidates per position %s",
-            span1.rank,
-            hidden,
-            len(candidates.tokens),
-            [len(t) for t in candidates.tokens],
-        )
-        assemble = _assemble_decoder if causal else assemble_encoder
-        null_gen = (gen, vocab_size) if noisy else None
-        sequences = assemble(
-            victim, candidates, check, threshold, knowledge, start + options.time_budget, null_gen
-        )
-        empty = sum(1 for t in candidates.tokens if len(t) == 0)
-        if empty:
-            notes.append(
-                f"{empty} of {len(candidates.tokens)} occupied positions have no candidate in the first "
-                f"layer's span (rank {span1.rank}): some tokens' gradients fall below its cut"
-            )
-        if not sequences:
-            why = (
-                "; with one block only the positions that reach the loss (a classifier's pooled one) "
-                "leave a trace there"
-                if len(layer_blocks(victim.model)) == 1
-                else ""
-            )
-            notes.append(
-                f"no sequence passes the context check (its span has rank {check.span.rank} for "
-                f"{len(candidates.tokens)} positions){why}"
-            )
-        if knowledge.batch_size is not None and len(sequences) > knowledge.batch_size:
-            sequences = sequences[: knowledge.batch_size]
-        if causal and not noisy and victim.task == "classify" and knowledge.batch_size is not None:
-            missing = knowledge.batch_size - len(sequences)
-            hidden = hidden_prefixes(victim, grads, sequences, missing, threshold)
-            if hidden:
-                notes.append(f"{len(hidden)} sentence(s) found as prefixes of others (pooled-position check)")
-                sequences = sequences + hidden
+        candidates = _candidates(victim, scene, knowledge, gen, progress)
+        sequences = _sequences(victim, scene, candidates, knowledge, gen, start + options.time_budget)
         labels = None
         if victim.task == "classify" and sequences:
-            labels = _labels(victim, grads, sequences)
+            labels = _labels(victim, scene.grads, sequences)
         return Reconstruction(
             token_ids=tuple(tuple(s) for s in sequences),
             texts=decode(victim, [list(s) for s in sequences]),
             labels=labels,
             trace=tuple(float(s[0]) if len(s) else float("nan") for s in candidates.scores),
             seconds=time.perf_counter() - start,
-            notes=tuple(notes),
+            notes=tuple(scene.notes),
         )
+
+
+def _scene(victim: Victim, update: Update) -> _Scene:
+    """Where the checks look: the first attention's input projections, and the context check's
+    groups (encoders: the attention's own context first, which the search can score fast, the MLP
+    input where that span shows no clean rank; decoders: the MLP input)."""
+    notes: list[str] = []
+    if update.kind == "fedavg" and update.local_steps > 1:
+        notes.append(
+            "FedAvg with several local steps: the delta mixes gradients at several weights, "
+            "so the span argument holds only approximately"
+        )
+    grads = update.gradients()
+    first = attention_projections(victim, 0)
+    causal = is_causal(victim)
+    second = context_projections(victim, 0)
+    mixing = mixing_projections(victim, 0)
+    shared = not causal and all(p.name in grads for p in mixing)
+    groups = (
+        [mixing, second]
+        if shared and all(p.name in grads for p in second)
+        else [mixing if shared else second]
+    )
+    return _Scene(grads, first, causal, groups, victim.hidden_size, notes)
+
+
+def _require_gradients(scene: _Scene) -> None:
+    """Refuse where the client withheld a gradient the span checks need."""
+    for p in (*scene.first, *scene.groups[-1]):
+        if p.name not in scene.grads:
+            raise Refusal(f"the exact attack needs the gradient of {p.name}, which the client withheld")
+
+
+def _require_room(scene: _Scene, knowledge: Knowledge, options: AttackOptions) -> None:
+    """Refuse (unless forced) a batch whose known token count reaches the hidden width."""
+    if knowledge.lengths is not None and sum(knowledge.lengths) >= scene.hidden and not options.force:
+        raise Refusal(
+            f"the batch holds {sum(knowledge.lengths)} tokens, at or above the hidden width "
+            f"{scene.hidden}: span checks cannot separate them (use --force to try anyway)"
+        )
+
+
+def _first_span(scene: _Scene, knowledge: Knowledge, options: AttackOptions) -> None:
+    """The first layer's span, and whether the update is treated as noisy. A perturbed update (the
+    server knows the protocol) is noisy even where a gap shows: fixed thresholds tuned to rounding
+    error would let noise-level false candidates through. Without a clean rank and unforced: refuse."""
+    hidden = scene.hidden
+    span1 = span_of(gradient_rows(scene.grads, scene.first))
+    noisy = knowledge.perturbed or (span1.full and options.force)
+    if span1.full and not noisy:
+        raise Refusal(
+            f"the first layer's gradient has no clear rank below the hidden width {hidden} "
+            f"(rank {span1.rank}, gap {span1.gap:.3g}): the batch's token count reaches the width, "
+            "or the update is perturbed; span checks cannot hold (use --force to try anyway)"
+        )
+    # the rank: by the gap where one shows (noise still below rounding), else above the noise bulk
+    how = "at its singular-value gap"
+    if noisy and span1.full:
+        span1 = noisy_span_of(gradient_rows(scene.grads, scene.first))
+        how = "above the noise bulk"
+    if noisy:
+        scene.notes.append(
+            f"perturbed update: first-layer rank {span1.rank} of {hidden} cut {how}, "
+            "candidates ranked against random tokens"
+        )
+    scene.span1, scene.noisy = span1, noisy
+
+
+def _choose_context_check(scene: _Scene, options: AttackOptions) -> None:
+    """The context check (`_context_check`); one whose span fills the width passes every arrangement:
+    refused unless forced (then said in the notes)."""
+    check = _context_check(scene.grads, scene.groups, scene.noisy)
+    if check.span.full and not scene.noisy:
+        message = (
+            f"the context check's gradient ({check.proj.name}) has no clear rank below the hidden "
+            f"width {scene.hidden} (rank {check.span.rank}, gap {check.span.gap:.3g}): the batch's tokens "
+            "reach the width, so every arrangement of the candidates would pass it"
+        )
+        if not options.force:
+            raise Refusal(message + " (use --force to try anyway)")
+        scene.notes.append(message)
+    scene.check = check
+
+
+def _candidates(
+    victim: Victim,
+    scene: _Scene,
+    knowledge: Knowledge,
+    gen: torch.Generator,
+    progress: Progress | None,
+) -> Candidates:
+    """Per occupied position, the tokens whose first-layer input lies in the span (from the token set
+    where the word-embedding gradient shows it, else the vocabulary); clean updates: tightened, and
+    restricted to what the embedding gradients allow (encoders)."""
+    grads, noisy, notes, span1 = scene.grads, scene.noisy, scene.notes, scene.span1
+    assert span1 is not None
+    pool = token_set(victim, grads, noisy or knowledge.perturbed)
+    vocab_pool = pool is None
+    if pool is None:
+        vocab = victim.model.get_input_embeddings().weight.shape[0]
+        pool = torch.arange(vocab)
+        notes.append("word-embedding gradient not available: the whole vocabulary is the candidate set")
+    else:
+        notes.append(f"token set of {len(pool)} ids from the word-embedding gradient")
+    n_pos = occupied_positions(victim, grads, noisy or knowledge.perturbed)
+    if n_pos is None:
+        n_pos = max(knowledge.lengths) if knowledge.lengths else None
+    limit = n_pos if n_pos is not None else victim.model.config.max_position_embeddings
+    candidates = Candidates([], [])
+    vocab_size = victim.model.get_input_embeddings().weight.shape[0]
+    probe = scene.first[0]
+    for p in range(limit):
+        null = torch.randint(0, vocab_size, (NULL_SAMPLES,), generator=gen) if noisy else None
+        toks, scores = position_candidates(victim, probe, span1, pool, p, scene.threshold, null)
+        if noisy and knowledge.batch_size is not None:  # ranked: the best few per position
+            toks, scores = toks[: 4 * knowledge.batch_size + 4], scores[: 4 * knowledge.batch_size + 4]
+        if len(toks) == 0 and n_pos is None:
+            break
+        candidates.tokens.append(toks)
+        candidates.scores.append(scores)
+        if progress is not None:
+            progress(p + 1, limit, float(scores[0]) if len(scores) else float("nan"))
+    if not noisy:
+        candidates = _tighten(candidates, scene.threshold)
+        occ = None if scene.causal or vocab_pool else resolve(victim, grads, pool, len(candidates.tokens))
+        if occ is not None:
+            candidates = _restrict(candidates, occ)
+            notes.append(
+                f"embedding gradients place {sum(len(s) for s in occ.pinned)} token occurrences; "
+                f"{sum(occ.complete)} of {len(occ.complete)} positions complete"
+            )
+    log.info(
+        "rank %d/%d, %d positions, candidates per position %s",
+        span1.rank,
+        scene.hidden,
+        len(candidates.tokens),
+        [len(t) for t in candidates.tokens],
+    )
+    return candidates
+
+
+def _sequences(
+    victim: Victim,
+    scene: _Scene,
+    candidates: Candidates,
+    knowledge: Knowledge,
+    gen: torch.Generator,
+    deadline: float,
+) -> list[list[int]]:
+    """Assemble the candidates into sequences (decoders: prefix growth; encoders: the search) until
+    `deadline`, at most the batch size of them, plus (decoder classifiers) sentences hidden as
+    prefixes of others; the notes say what held recovery back."""
+    check, notes, span1 = scene.check, scene.notes, scene.span1
+    assert check is not None and span1 is not None
+    assemble = _assemble_decoder if scene.causal else assemble_encoder
+    vocab_size = victim.model.get_input_embeddings().weight.shape[0]
+    null_gen = (gen, vocab_size) if scene.noisy else None
+    sequences = assemble(victim, candidates, check, scene.threshold, knowledge, deadline, null_gen)
+    empty = sum(1 for t in candidates.tokens if len(t) == 0)
+    if empty:
+        notes.append(
+            f"{empty} of {len(candidates.tokens)} occupied positions have no candidate in the first "
+            f"layer's span (rank {span1.rank}): some tokens' gradients fall below its cut"
+        )
+    if not sequences:
+        why = (
+            "; with one block only the positions that reach the loss (a classifier's pooled one) "
+            "leave a trace there"
+            if len(layer_blocks(victim.model)) == 1
+            else ""
+        )
+        notes.append(
+            f"no sequence passes the context check (its span has rank {check.span.rank} for "
+            f"{len(candidates.tokens)} positions){why}"
+        )
+    if knowledge.batch_size is not None and len(sequences) > knowledge.batch_size:
+        sequences = sequences[: knowledge.batch_size]
+    if scene.causal and not scene.noisy and victim.task == "classify" and knowledge.batch_size is not None:
+        missing = knowledge.batch_size - len(sequences)
+        hidden = hidden_prefixes(victim, scene.grads, sequences, missing, scene.threshold)
+        if hidden:
+            notes.append(f"{len(hidden)} sentence(s) found as prefixes of others (pooled-position check)")
+            sequences = sequences + hidden
+    return sequences
 
 
 def _context_check(

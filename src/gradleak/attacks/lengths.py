@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from gradleak.attacks.base import Knowledge
 from gradleak.attacks.context import Candidates
-from gradleak.attacks.matching import special_template
+from gradleak.attacks.tokens import special_template
 from gradleak.victims import Victim
 
 HYPOTHESES = 48  # length lists `length_hypotheses` returns, best first (the search takes the first)

@@ -6,7 +6,9 @@ entries nearest (by cosine) to the optimised embeddings. Special tokens that the
 always adds (BERT's [CLS] ... [SEP]) are known to the server and kept fixed. Parameters whose
 shared gradient is identically zero are left out of the distance: the gradient of the attention
 key bias, for one, is always zero (softmax is shift invariant) and would pin the cosine distance
-at a floor.
+at a floor. Where the scenario withholds the sequence lengths, they are inferred from the update
+(`infer.infer_lengths`: the position-embedding gradient, the closing token's span check, the context
+span's rank) and the reconstruction's notes say what was inferred.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from gradleak.attacks.base import (
     Reconstruction,
     register,
 )
+from gradleak.attacks.infer import infer_lengths
 from gradleak.attacks.labels import infer_labels
+from gradleak.attacks.tokens import candidate_mask, decode, special_template
 from gradleak.client import Update
-from gradleak.errors import GradleakError
+from gradleak.errors import Refusal
 from gradleak.victims import Victim
 
 log = logging.getLogger(__name__)
@@ -51,28 +55,6 @@ def _cos(dummy: list[torch.Tensor], true: list[torch.Tensor], opts: AttackOption
     return 1.0 - dot / (nd * nt + 1e-30)
 
 
-def special_template(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The ids the tokenizer always puts before and after the text (e.g. [CLS] and [SEP])."""
-    content = tokenizer.encode("a", add_special_tokens=False)
-    full = tokenizer.encode("a")
-    for start in range(len(full) - len(content) + 1):
-        if full[start : start + len(content)] == content:
-            return tuple(full[:start]), tuple(full[start + len(content) :])
-    return (), ()
-
-
-def candidate_mask(tokenizer, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """Tokens a reconstruction may contain: the vocabulary without special tokens."""
-    mask = torch.ones(vocab_size, dtype=torch.bool, device=device)
-    special = [i for i in tokenizer.all_special_ids if i is not None and i < vocab_size]
-    mask[special] = False
-    return mask
-
-
-def decode(victim: Victim, token_ids: list[list[int]]) -> tuple[str, ...]:
-    return tuple(victim.tokenizer.decode(t, skip_special_tokens=True).strip() for t in token_ids)
-
-
 @dataclass(frozen=True)
 class GradientMatching:
     name: str
@@ -88,13 +70,19 @@ class GradientMatching:
         progress: Progress | None = None,
     ) -> Reconstruction:
         start = time.perf_counter()
-        knowledge.require(self.name, batch_size=True, lengths=True)
+        knowledge.require(self.name, batch_size=True)
         if victim.task != "classify":
-            raise GradleakError(
+            raise Refusal(
                 f"attack {self.name!r} needs a classification task; use --attack exact for --task lm"
             )
-        assert knowledge.lengths is not None and knowledge.batch_size is not None
-        lengths = list(knowledge.lengths)
+        assert knowledge.batch_size is not None
+        notes: list[str] = []
+        if knowledge.lengths is None:  # withheld: read off the gradients as the exact attack does
+            inferred = infer_lengths(victim, update, knowledge, self.name)
+            notes.append(inferred.how)
+            lengths = list(inferred.lengths)
+        else:
+            lengths = list(knowledge.lengths)
         bsz, max_len = knowledge.batch_size, max(lengths)
         model, device, dtype = victim.model, victim.device, victim.dtype
         gen = torch.Generator().manual_seed(options.seed)
@@ -105,11 +93,10 @@ class GradientMatching:
         emb = model.get_input_embeddings().weight.detach()
         names = [n for n in names if params[n] is not model.get_input_embeddings().weight]
         if not names:
-            raise GradleakError(f"attack {self.name!r}: no usable gradient was shared")
+            raise Refusal(f"attack {self.name!r}: no usable gradient was shared")
         true = [shared[n].to(device=device, dtype=dtype) for n in names]
 
         labels = knowledge.labels
-        notes: list[str] = []
         if labels is None:
             labels = infer_labels(victim, shared, bsz, lengths=lengths, seed=options.seed)
             if labels is not None:
@@ -168,7 +155,11 @@ class GradientMatching:
             def closure() -> torch.Tensor:
                 opt.zero_grad()
                 value = objective()
-                value.backward()
+                # only the dummies' gradients: value.backward() would also write .grad into the
+                # victim's parameters (a second backward through the double-backward graph, and
+                # state left on a model the caller may share)
+                for var, grad in zip(variables, torch.autograd.grad(value, variables), strict=True):
+                    var.grad = grad
                 return value
 
             value = float(opt.step(closure).detach())

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gradleak.errors import Refusal
 from gradleak.victims import Victim
 
 
@@ -33,7 +34,7 @@ def _is_projection(module: nn.Module) -> bool:
 def layer_blocks(model: nn.Module) -> nn.ModuleList:
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
-        raise ValueError("the model has no list of layers")
+        raise Refusal("the exact attack does not understand this model: it has no list of layers")
     return max(lists, key=len)
 
 
@@ -86,6 +87,11 @@ def projection_groups(victim: Victim, block: int) -> list[tuple[Projection, ...]
                 break
         else:
             groups.append((tensor, [proj]))
+    if len(groups) < 2:
+        raise Refusal(
+            f"the exact attack does not understand this model: block {block} has {len(groups)} group(s) "
+            "of linear maps by input, not the attention's input projections followed by others"
+        )
     return [tuple(members) for _, members in groups]
 
 
@@ -100,6 +106,11 @@ def context_projections(victim: Victim, block: int) -> tuple[Projection, ...]:
     hidden = victim.hidden_size
     groups = projection_groups(victim, block)
     wide = [g for g in groups[1:] if _in_features(victim, g[0]) == hidden]
+    if not wide:
+        raise Refusal(
+            f"the exact attack does not understand this model: block {block} has no linear map after "
+            f"its attention that reads the hidden width {hidden}"
+        )
     return wide[-1]
 
 

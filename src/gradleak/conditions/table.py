@@ -21,7 +21,8 @@ IGNORED = ("seed", "device")  # fields that do not make a condition
 
 @dataclass(frozen=True)
 class Row:
-    """One condition of a study: the mean over its done runs (seeds), and why the others failed."""
+    """One condition of a study: the mean over its done runs (seeds), and why the others were refused
+    (the attack declined the scenario: a result) or failed (a crash)."""
 
     part: str
     x_field: str
@@ -30,7 +31,7 @@ class Row:
     labels: tuple[str, ...]  # the study's label columns, as text
     keys: tuple[str, ...]  # store keys of the condition's runs
     n: int  # done runs
-    failed: int
+    failed: int  # runs that crashed (status `failed`)
     rouge1: float | None
     rouge2: float | None
     exact_match: float | None
@@ -40,6 +41,7 @@ class Row:
     defended: bool
     note: str
     repeat: bool = False  # the same condition as an earlier row (of another part): not tabulated again
+    refused: int = 0  # runs whose attack declined the scenario (status `refused`)
 
     def to_json(self, columns: Sequence[str]) -> dict[str, Any]:
         return {
@@ -49,6 +51,7 @@ class Row:
             "series": self.series,
             "n": self.n,
             "failed": self.failed,
+            "refused": self.refused,
             "rouge1": self.rouge1,
             "rouge2": self.rouge2,
             "exact_match": self.exact_match,
@@ -64,7 +67,7 @@ class Row:
 class StudyTable:
     study: Study
     rows: tuple[Row, ...]
-    runs: int  # stored runs of the study (done or failed)
+    runs: int  # stored runs of the study (done, refused or failed)
     wall_seconds: float  # sum of the stored runs' wall clock (load, update, attack, scoring)
 
     @property
@@ -140,19 +143,21 @@ def _row(
     repeat: bool,
 ) -> Row:
     done = [r for r in runs if r.done and r.record is not None]
-    failed = [r for r in runs if not r.done]
+    refused = [r for r in runs if r.refused]
+    failed = [r for r in runs if not r.refused and not (r.done and r.record is not None)]
 
     def mean(key: str) -> float | None:
         return statistics.fmean(float(r.record["scores"][key]) for r in done) if done else None  # type: ignore[index]
 
     eps = [_epsilon(r.record) for r in done]  # type: ignore[arg-type]
-    note = ""
-    if failed:
-        note = reason(failed[0].error or "unknown error")
-        if done:
-            note = f"{len(failed)} of {len(runs)} {note}"
-    elif len(runs) < len(keys):
-        note = f"{len(keys) - len(runs)} of {len(keys)} not run"
+    notes = []
+    for status, group in (("failed", failed), ("refused", refused)):  # a crash first: it needs fixing
+        if group:
+            text = reason(status, group[0].error or ("no record" if status == "failed" else "no reason"))
+            notes.append(text if len(group) == len(runs) else f"{len(group)} of {len(runs)} {text}")
+    if not notes and len(runs) < len(keys):
+        notes.append(f"{len(keys) - len(runs)} of {len(keys)} not run")
+    note = "; ".join(notes)
     return Row(
         part=part,
         x_field=x_field,
@@ -162,6 +167,7 @@ def _row(
         keys=keys,
         n=len(done),
         failed=len(failed),
+        refused=len(refused),
         rouge1=mean("rouge1"),
         rouge2=mean("rouge2"),
         exact_match=mean("exact_match"),
@@ -182,13 +188,13 @@ def _epsilon(record: dict[str, Any]) -> float | None:
 _ATTACK_PREFIX = re.compile(r"^attack '[^']+' ")
 
 
-def reason(error: str) -> str:
-    """A failed run's one-line reason: 'refused: ...' where the attack refused the scenario."""
+def reason(status: str, error: str) -> str:
+    """A run's one-line reason, `refused: ...` or `failed: ...` by its stored status (`refused`: the
+    attack raised `Refusal`; anything else that is not done: `failed`), never by its wording."""
     text = _ATTACK_PREFIX.sub("", " ".join(error.split()))
-    refused = any(w in text for w in ("needs the", "withh", "refuse", "cannot", "--force"))
     if len(text) > 200:
         text = text[:197] + "..."
-    return f"{'refused' if refused else 'failed'}: {text}"
+    return f"{'refused' if status == 'refused' else 'failed'}: {text}"
 
 
 # ------------------------------------------------------------------ findings read off the table

@@ -41,7 +41,7 @@ from flwr.serverapp.strategy import Strategy
 
 from gradleak.attacks import AttackOptions, Knowledge, Reconstruction, get_attack
 from gradleak.client import Update
-from gradleak.errors import GradleakError
+from gradleak.errors import GradleakError, Refusal
 from gradleak.experiment import environment, strip_special
 from gradleak.flower.client import GROUND_TRUTH, PROTOCOL, set_parameters
 from gradleak.flower.spec import KEY_BATCH_SIZE, KEY_LOCAL_LR, KEY_LOCAL_STEPS
@@ -304,9 +304,12 @@ class LeakageAudit(Strategy):
         t0 = time.perf_counter()
         try:
             rec = self.attack.reconstruct(victim, update, knowledge, self.options)
-        except GradleakError as exc:  # the attack's assumptions fail: nothing recovered, said as is
-            error = str(exc)
-            rec = Reconstruction(token_ids=(), texts=(), labels=None, notes=(f"attack gave up: {exc}",))
+        except Refusal as exc:  # the attack's assumptions fail: nothing recovered, said as is
+            error = f"refused: {exc}"
+            rec = Reconstruction(token_ids=(), texts=(), labels=None, notes=(f"attack refused: {exc}",))
+        except GradleakError as exc:  # any other one-line error of the attack: nothing recovered either
+            error = f"failed: {exc}"
+            rec = Reconstruction(token_ids=(), texts=(), labels=None, notes=(f"attack failed: {exc}",))
         seconds = time.perf_counter() - t0
         special = set(victim.tokenizer.all_special_ids)
         scores = score(

@@ -122,6 +122,7 @@ class ReportData:
     failed: tuple[FailedRun, ...] = ()
     source: str = ""
     versions: tuple[str, ...] = field(default=())
+    refused: tuple[FailedRun, ...] = ()  # runs whose attack declined the scenario; `error` is the reason
 
     def groups(self) -> list[Group]:
         return group_runs(self.attacks)
@@ -238,13 +239,17 @@ def _label(run: StoredRun) -> str:
 
 
 def load_report_data(runs: Sequence[StoredRun], source: str = "") -> ReportData:
-    """Sort stored rows into attack runs, training runs and failures. A done row this gradleak cannot
-    read is listed as a failure, not an exception."""
+    """Sort stored rows into attack runs, training runs, refusals (status `refused`) and failures. A
+    done row this gradleak cannot read is listed as a failure, not an exception."""
     attacks: list[AttackRun] = []
     trains: list[TrainRun] = []
     failed: list[FailedRun] = []
+    refused: list[FailedRun] = []
     for run in runs:
         reader = READERS.get(run.kind)
+        if run.refused:
+            refused.append(FailedRun(run.kind, _label(run), run.error or "no reason given"))
+            continue
         if not run.done or run.record is None:
             failed.append(FailedRun(run.kind, _label(run), run.error or "no record"))
             continue
@@ -261,6 +266,7 @@ def load_report_data(runs: Sequence[StoredRun], source: str = "") -> ReportData:
         attacks=tuple(attacks),
         trains=tuple(trains),
         failed=tuple(failed),
+        refused=tuple(refused),
         source=source,
         versions=tuple(sorted({r.version for r in runs})),
     )

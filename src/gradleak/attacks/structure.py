@@ -174,3 +174,13 @@ def is_causal(victim: Victim) -> bool:
     x = capture_input(victim, proj, ids)
     diff = (x[0] - x[1]).abs().amax(-1)
     return bool(diff[:2].max() < 1e-3 * diff[2])  # rounding differs between rows; context does not
+
+
+def position_free(victim: Victim, proj: Projection) -> bool:
+    """Whether the projection's input carries no position (rotary models: positions enter inside the
+    attention, so the first layer reads each token alone); absolute position embeddings add to it."""
+    vocab = victim.model.get_input_embeddings().weight.shape[0]
+    ids = torch.tensor([[1, 2, 3]], device=victim.device) % vocab
+    a = capture_input(victim, proj, ids)
+    b = capture_input(victim, proj, ids, position_ids=torch.tensor([[7, 9, 12]], device=victim.device))
+    return bool((a - b).abs().max() <= 1e-6 * a.abs().max())

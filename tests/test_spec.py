@@ -36,7 +36,7 @@ def _names(cls) -> set[str]:
 def test_one_base_and_the_field_names_kept():
     assert issubclass(RunSpec, AttackSpec) and issubclass(FlSpec, AttackSpec)
     assert issubclass(TrainSpec, VictimSpec) and not issubclass(TrainSpec, AttackSpec)
-    assert _names(RunSpec) == RUN_FIELDS
+    assert _names(RunSpec) == RUN_FIELDS | {"text_column", "label_column"}
     shared = _names(VictimSpec)
     assert all(shared <= _names(cls) for cls in ALL)
     # each keeps its own defaults
@@ -189,3 +189,24 @@ def test_flower_records_say_what_the_audit_gave(known_lengths):
     assert leak.record["knowledge"] == {"batch_size": True, "lengths": known_lengths, "labels": False}
     assert given[0].batch_size == 1 and given[0].labels is None
     assert given[0].lengths == ((len(ids),) if known_lengths else None)
+
+
+def test_data_columns_enter_the_store_key_only_when_set(tmp_path):
+    import json
+
+    from gradleak.store import canonical, run_key
+
+    plain = RunSpec(victim="gpt2-tiny", data="sst2")
+    assert set(json.loads(canonical(plain))) == RUN_FIELDS  # keys of runs stored before the fields
+    named = RunSpec(victim="gpt2-tiny", data="sst2", text_column="review")
+    assert json.loads(canonical(named))["text_column"] == "review"
+    assert run_key("attack", plain) != run_key("attack", named)
+
+
+def test_text_and_label_columns_reach_the_examples(tmp_path):
+    table = tmp_path / "reviews.csv"
+    table.write_text("id,review,stars\n1,a fine film,1\n2,a dull film,0\n3,what a ride,1\n")
+    spec = RunSpec(data=str(table), text_column="review", label_column="stars")
+    examples = spec.examples()
+    expected = [("a fine film", 1), ("a dull film", 0), ("what a ride", 1)]
+    assert [(e.text, e.label) for e in examples] == expected

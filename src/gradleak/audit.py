@@ -31,6 +31,8 @@ DEFAULT_ITERATIONS = 50
 class AuditSpec:
     victim: str = DEFAULT_VICTIM
     data: str = DEFAULT_DATA
+    text_column: str | None = None
+    label_column: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
     defenses: tuple[str, ...] = DEFAULT_DEFENSES
@@ -57,6 +59,8 @@ class AuditSpec:
                 spec = RunSpec(
                     victim=self.victim,
                     data=self.data,
+                    text_column=self.text_column,
+                    label_column=self.label_column,
                     batch_size=self.batch_size,
                     attack=attack,
                     iterations=self.iterations,

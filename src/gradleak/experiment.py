@@ -14,7 +14,7 @@ import torch
 from gradleak.attacks import AttackOptions, Knowledge, Reconstruction, get_attack
 from gradleak.attacks.base import Progress
 from gradleak.client import Update, fedavg, fedsgd, parse_share
-from gradleak.data import filter_by_words, load_examples, make_batch, sample_with_tokens
+from gradleak.data import filter_by_words, make_batch, sample_with_tokens
 from gradleak.defenses import DefenseContext, DpSgd
 from gradleak.errors import GradleakError
 from gradleak.finetune import finetune
@@ -149,7 +149,7 @@ def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
     options = spec.options()
     torch.manual_seed(spec.seed)
     victim = load_victim(spec.victim, task=spec.task, dtype=spec.dtype, seed=spec.seed, device=spec.device)
-    everything = load_examples(spec.data)
+    everything = spec.examples()
     examples = filter_by_words(everything, spec.min_words, spec.max_words)
     if not examples:
         raise GradleakError(f"no sentences in {spec.data!r} have {spec.min_words}-{spec.max_words} words")

@@ -15,12 +15,13 @@ inheritance keeps a redeclared field in its base position, and every field has a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gradleak.errors import GradleakError
 from gradleak.knowledge import Knows
 
 _KNOWS = Knows()
+KEYED_WHEN_SET = "keyed_when_set"  # field metadata: the store's key holds the field only when set
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,16 @@ class VictimSpec:
     defenses: tuple[str, ...] = ()
     delta: float = 1e-5
     accountant: str = "rdp"
+    # columns of a table or Hugging Face data set (found by name where not given); left out of the
+    # store's key while unset, so the keys of runs stored before these fields existed still hold
+    text_column: str | None = field(default=None, metadata={KEYED_WHEN_SET: True})
+    label_column: str | None = field(default=None, metadata={KEYED_WHEN_SET: True})
+
+    def examples(self):  # -> list[gradleak.data.Example]
+        """Every example of the spec's data set, read with its columns."""
+        from gradleak.data import load_examples
+
+        return load_examples(self.data, text_column=self.text_column, label_column=self.label_column)
 
     def validate_common(self) -> None:
         """The checks of the shared fields; each subclass's `validate()` calls it, then checks its own."""

@@ -31,7 +31,7 @@ import sqlite3
 import time
 import typing
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -77,6 +77,9 @@ def canonical(spec: Any) -> str:
     and a float field's value always a float (`time_budget=5` and `5.0` are one spec)."""
     if is_dataclass(spec) and not isinstance(spec, type):
         payload = asdict(spec)
+        for f in fields(spec):  # fields added later stay out of the key while at their default
+            if f.metadata.get("keyed_when_set") and payload.get(f.name) == f.default:
+                del payload[f.name]
         for k in _float_fields(type(spec)):
             if isinstance(payload.get(k), int) and not isinstance(payload[k], bool):
                 payload[k] = float(payload[k])

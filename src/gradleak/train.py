@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from gradleak.bounds import PerturbedSgdBound, RunningVariance, power_iteration, running_mean
 from gradleak.client import WITHHOLD_GROUPS, Update
-from gradleak.data import Batch, Example, load_examples, make_batch
+from gradleak.data import Batch, Example, make_batch
 from gradleak.defenses import (
     DefenseChain,
     DefenseContext,
@@ -445,7 +445,7 @@ def train(spec: TrainSpec, progress: Progress | None = None) -> TrainRecord:
     chain = spec.defense_chain()
     start = time.perf_counter()
     victim = load_victim(spec.victim, task=spec.task, dtype=spec.dtype, seed=spec.seed, device=spec.device)
-    examples = load_examples(spec.data)
+    examples = spec.examples()
     train_set, held = split_examples(examples, spec.holdout, spec.split_seed)
     held = held[: spec.max_eval]
     if spec.max_train is not None:

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gradleak.cli.common import KnowsOption, err, progress, write_json
+from gradleak.cli.common import KnowsOption, LabelColumnOption, TextColumnOption, err, progress, write_json
 from gradleak.knowledge import DEFAULT_KNOWS, parse_knows
 
 
@@ -24,6 +24,8 @@ def attack(
     data: Annotated[
         str, typer.Option(help="sample, cola, sst2, rt, wikitext, or a TSV/CSV/JSONL/text file.")
     ] = "sample",
+    text_column: TextColumnOption = None,
+    label_column: LabelColumnOption = None,
     batch_size: Annotated[int, typer.Option(help="Sentences in the private batch.")] = 1,
     attack: Annotated[str, typer.Option("--attack", help="dlg, tag, cos or exact.")] = "tag",
     iterations: Annotated[int, typer.Option(help="Optimisation steps of gradient-matching attacks.")] = 300,
@@ -90,6 +92,8 @@ def attack(
     spec = RunSpec(
         victim=victim,
         data=data,
+        text_column=text_column,
+        label_column=label_column,
         batch_size=batch_size,
         attack=attack,
         iterations=iterations,

@@ -29,6 +29,12 @@ NOISY_LOGGERS = ("transformers", "httpx", "huggingface_hub", "absl", "urllib3", 
 
 Device = Annotated[str | None, typer.Option(help="cpu or cuda: overrides every run's device.")]
 JsonOut = Annotated[str | None, typer.Option("--json", help="Write JSON to FILE ('-' for stdout).")]
+TextColumnOption = Annotated[
+    str | None, typer.Option(help="The text column of a table or hf: data set (found by name if not given).")
+]
+LabelColumnOption = Annotated[
+    str | None, typer.Option(help="The label column of a table or hf: data set (found by name if not given).")
+]
 KnowsOption = Annotated[
     str,
     typer.Option(

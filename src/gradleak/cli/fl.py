@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gradleak.cli.common import KnowsOption, finish_runs, write_json
+from gradleak.cli.common import KnowsOption, LabelColumnOption, TextColumnOption, finish_runs, write_json
 from gradleak.errors import GradleakError
 from gradleak.knowledge import DEFAULT_KNOWS, Knows, parse_knows
 
@@ -27,6 +27,8 @@ def fl(
     data: Annotated[
         str, typer.Option(help="sst2, cola, rt, wikitext, sample, or a file; split into the clients' shards.")
     ] = "sst2",
+    text_column: TextColumnOption = None,
+    label_column: LabelColumnOption = None,
     batch_size: Annotated[int, typer.Option(help="Sentences each client trains on per round.")] = 1,
     local_steps: Annotated[int, typer.Option(help="Local SGD steps K per round (FedAvg).")] = 1,
     local_lr: Annotated[float, typer.Option(help="Local SGD learning rate (known to the server).")] = 0.01,
@@ -94,6 +96,8 @@ def fl(
     spec = FlSpec(
         victim=victim,
         data=data,
+        text_column=text_column,
+        label_column=label_column,
         clients=clients,
         rounds=rounds,
         batch_size=batch_size,

@@ -19,6 +19,8 @@ from gradleak.cli.common import (
     Device,
     JsonOut,
     KnowsOption,
+    LabelColumnOption,
+    TextColumnOption,
     console_for,
     failed_count,
     finish_runs,
@@ -49,13 +51,15 @@ def _run(
 
 def _show_summary(summary, store: str, console: Console) -> None:
     table = Table(title=f"sweep of {summary.total} run{'' if summary.total == 1 else 's'}, store {store}")
-    counts = summary.to_json()  # total, done, skipped, failed (and refused, where the summary counts it)
+    counts = summary.to_json()  # total, done, skipped, failed, refused
     for col in (*counts, "seconds"):
         table.add_column(col, justify="right")
     table.add_row(*(str(v) for v in counts.values()), f"{summary.seconds:.1f}")
     console.print(table)
     for label, error in summary.errors:
         console.print(f"failed: {label}: {error}", markup=False, highlight=False)
+    for label, reason in summary.refusals:
+        console.print(f"refused: {label}: {reason}", markup=False, highlight=False)
 
 
 def sweep(
@@ -109,6 +113,8 @@ def report(
 def audit(
     victim: Annotated[str, typer.Option(help="Preset or model directory.")] = audit_defaults.DEFAULT_VICTIM,
     data: Annotated[str, typer.Option(help="Named data set or file.")] = audit_defaults.DEFAULT_DATA,
+    text_column: TextColumnOption = None,
+    label_column: LabelColumnOption = None,
     batch_size: Annotated[
         int, typer.Option(help="Sentences in the private batch.")
     ] = audit_defaults.DEFAULT_BATCH_SIZE,
@@ -146,6 +152,8 @@ def audit(
     spec = audit_defaults.AuditSpec(
         victim=victim,
         data=data,
+        text_column=text_column,
+        label_column=label_column,
         batch_size=batch_size,
         attacks=tuple(attack or audit_defaults.DEFAULT_ATTACKS),
         defenses=tuple(defense or audit_defaults.DEFAULT_DEFENSES),

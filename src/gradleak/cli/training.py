@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gradleak.cli.common import err, progress, write_json
+from gradleak.cli.common import LabelColumnOption, TextColumnOption, err, progress, write_json
 from gradleak.errors import GradleakError
 
 
@@ -19,6 +19,8 @@ def train(
     data: Annotated[str, typer.Option(help="sst2, cola, rt, wikitext, sample, or a file.")] = "sst2",
     steps: Annotated[int, typer.Option(help="SGD steps T.")] = 100,
     lr: Annotated[float, typer.Option(help="SGD step size (plain SGD, no momentum).")] = 0.1,
+    text_column: TextColumnOption = None,
+    label_column: LabelColumnOption = None,
     batch_size: Annotated[int, typer.Option(help="Sentences per minibatch B.")] = 16,
     defense: Annotated[
         list[str] | None,
@@ -63,6 +65,8 @@ def train(
     spec = TrainSpec(
         victim=victim,
         data=data,
+        text_column=text_column,
+        label_column=label_column,
         steps=steps,
         lr=lr,
         batch_size=batch_size,

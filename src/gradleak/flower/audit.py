@@ -75,6 +75,11 @@ class ClientLeak:
     record: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
+    def refused(self) -> bool:
+        """The attack declined the scenario (a result, not a failure)."""
+        return self.error is not None and self.error.startswith("refused: ")
+
+    @property
     def epsilon(self) -> float | None:
         return self.privacy.epsilon
 

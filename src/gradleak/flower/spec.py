@@ -8,7 +8,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gradleak.data import Example, filter_by_words, load_examples
+from gradleak.data import Example, filter_by_words
 from gradleak.defenses import DpSgd, Withhold
 from gradleak.errors import GradleakError
 from gradleak.privacy import Mechanism, check_delta
@@ -169,7 +169,7 @@ def local_dp_mechanism(clip: float, std: float) -> Mechanism:
 def partitions(spec: FlSpec) -> list[list[Example]]:
     """The clients' shards of the data set: a seeded shuffle dealt round-robin into `clients` parts.
     Refuses a data set smaller than the clients, or shards smaller than the batch."""
-    examples = filter_by_words(load_examples(spec.data), 0, spec.max_words)
+    examples = filter_by_words(spec.examples(), 0, spec.max_words)
     return split(examples, spec.clients, spec.batch_size, spec.seed, spec.data)
 
 

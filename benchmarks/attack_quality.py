@@ -16,6 +16,7 @@ import torch
 from _results import machine, run_cell, summarise, table, write_section
 
 from gradleak.experiment import RunSpec
+from gradleak.knowledge import DEFAULT_KNOWS, parse_knows
 
 PUBLISHED = """Published reference points (LAMP paper, BERT-base, CoLA, B=1, ROUGE-1/2): DLG 59.3/7.7,
 TAG 78.9/10.2, LAMP 89.6/51.9. LAMP's own code on a 2-core machine, MiniLM, held-out SST-2, B=1,
@@ -35,7 +36,9 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--section", default="attack_quality")
+    ap.add_argument("--knows", default=DEFAULT_KNOWS, help="what the server knows (as gradleak's --knows)")
     args = ap.parse_args()
+    knows = parse_knows(args.knows)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,8 +54,9 @@ def main() -> None:
                     if is_minilm and attack == "tag" and data == "sst2" and b == 1:
                         n = max(n, args.target_batches)
                     spec = RunSpec(
-                        victim=victim, data=data, batch_size=b, attack=attack, iterations=args.iterations
-                    )
+                        victim=victim, data=data, batch_size=b, attack=attack, iterations=args.iterations,
+                        **knows.spec_fields(),
+                    )  # fmt: skip
                     s = summarise(run_cell(spec, n))
                     row = [victim, attack, data, b, s["batches"], s["rouge1"], s["rouge2"],
                            s["token_accuracy"], s["seconds"], f"{s['seconds'] / args.iterations:.3f}"]  # fmt: skip
@@ -71,7 +75,8 @@ def _body(args: argparse.Namespace, rows: list[list[object]], *, done: bool) -> 
     return (
         f"## Gradient matching (`python benchmarks/attack_quality.py`){status}\n\n"
         f"Command arguments: `{' '.join(sys.argv[1:])}`. "
-        f"{args.iterations} Adam steps, labels inferred from the head's bias gradient, lengths known. "
+        f"{args.iterations} Adam steps, the server knows: {parse_knows(args.knows).describe()} (lengths it "
+        "is not given are inferred from the update; labels from the head's bias gradient). "
         f"Machine: {machine()}.\n\n{table(HEADER, rows)}\n\n{PUBLISHED}\n"
     )
 

@@ -21,6 +21,7 @@ from _results import machine, table, write_section
 
 from gradleak.errors import GradleakError
 from gradleak.experiment import RunRecord, RunSpec, run_one
+from gradleak.knowledge import DEFAULT_KNOWS, parse_knows
 
 PUBLISHED = """DAGER (Petrov et al., NeurIPS 2024), published ROUGE-1 under absolute Gaussian noise, GPT-2,
 Rotten Tomatoes, B=1: sigma 1e-5 -> 74.0, 5e-5 -> 46.9, 1e-4 -> 20.7, 5e-4 -> 5.6."""
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--accountant", default="rdp")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--section", default="noise")
+    ap.add_argument("--knows", default=DEFAULT_KNOWS, help="what the server knows (as gradleak's --knows)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -71,7 +73,7 @@ def main() -> None:
                         continue
                     spec = RunSpec(
                         victim=victim, data=args.data, batch_size=b, attack=attack, defenses=defenses,
-                        known_lengths=attack != "exact", max_length=64, max_words=args.max_words,
+                        **parse_knows(args.knows).spec_fields(), max_length=64, max_words=args.max_words,
                         time_budget=args.time_budget, iterations=args.tag_iterations,
                         delta=args.delta, accountant=args.accountant,
                     )  # fmt: skip
@@ -130,8 +132,9 @@ def _body(args, rows, curves, *, done: bool) -> str:
         f"## Leakage under noise (`python benchmarks/noise.py`){status}\n\n"
         f"Command arguments: `{' '.join(sys.argv[1:])}`. Data {args.data} (sentences of at most "
         f"{args.max_words} words), float32 updates, one FedSGD release of one batch. Exact attack: "
-        f"lengths and labels unknown, the server knows the protocol perturbs updates; TAG: "
-        f"{args.tag_iterations} Adam steps, lengths known. Epsilon: {args.accountant} accountant, "
+        f"the server knows the protocol perturbs updates; TAG: {args.tag_iterations} Adam steps. The server "
+        f"knows: {parse_knows(args.knows).describe()} (TAG infers lengths it is not given). "
+        f"Epsilon: {args.accountant} accountant, "
         f"delta {args.delta:g}, one release (sample rate 1, one step), example-level for DP-SGD; "
         f"absolute noise on an unclipped update has no finite epsilon. Machine: {machine()}.\n\n"
         f"{table(HEADER, rows)}\n\nWhere the leak stops:\n\n{_stops(curves)}\n\n{PUBLISHED}\n"

@@ -196,29 +196,11 @@ def test_fl_knows_is_parsed_and_checked(capsys, monkeypatch):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "unknown item 'foo'" in err
 
 
-def test_fl_passes_the_knows_fields_its_spec_has():
+def test_fl_spec_takes_every_knows_field():
     pytest.importorskip("flwr")
-    from dataclasses import dataclass
+    from gradleak.flower.spec import FlSpec
+    from gradleak.knowledge import parse_knows
 
-    from gradleak.cli.fl import knows_fields
-    from gradleak.errors import GradleakError
-    from gradleak.knowledge import Knows, parse_knows
-
-    @dataclass(frozen=True)
-    class WithFields:
-        known_batch_size: bool = True
-        known_lengths: bool = False
-        known_labels: bool = False
-
-    @dataclass(frozen=True)
-    class WithoutFields:
-        victim: str = "gpt2-tiny"
-
-    assert knows_fields(parse_knows("labels,lengths"), WithFields) == {
-        "known_batch_size": False,
-        "known_lengths": True,
-        "known_labels": True,
-    }
-    assert knows_fields(Knows(), WithoutFields) == {}  # the default: what the Flower audit assumes
-    with pytest.raises(GradleakError, match="fl cannot take --knows labels yet"):
-        knows_fields(parse_knows("labels"), WithoutFields)
+    spec = FlSpec(**parse_knows("labels,lengths").spec_fields())
+    assert (spec.known_batch_size, spec.known_lengths, spec.known_labels) == (False, True, True)
+    assert (FlSpec().known_batch_size, FlSpec().known_lengths, FlSpec().known_labels) == (True, False, False)

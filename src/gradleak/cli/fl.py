@@ -4,7 +4,6 @@ client's update failed (a refusal by the attack is a result, not a failure)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Annotated, Any
 
 import typer
@@ -12,8 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gradleak.cli.common import KnowsOption, LabelColumnOption, TextColumnOption, finish_runs, write_json
-from gradleak.errors import GradleakError
-from gradleak.knowledge import DEFAULT_KNOWS, Knows, parse_knows
+from gradleak.knowledge import DEFAULT_KNOWS, parse_knows
 
 
 def fl(
@@ -92,7 +90,7 @@ def fl(
     from gradleak.flower.simulation import run_fl
     from gradleak.flower.spec import FlSpec, partitions
 
-    known = knows_fields(parse_knows(knows), FlSpec)
+    known = parse_knows(knows).spec_fields()
     spec = FlSpec(
         victim=victim,
         data=data,
@@ -150,19 +148,6 @@ def fl(
         places.append("the JSON on stdout" if json_out == "-" else json_out)
     where = " and ".join(places) or "the tables above"
     finish_runs(len(failures), fl_refused(result), len(result.leaks) or spec.clients * spec.rounds, where)
-
-
-def knows_fields(known: Knows, spec_type: Any) -> dict[str, bool]:
-    """The known_* fields of `--knows` that the Flower spec takes. A field it lacks can only be left at
-    what the Flower audit assumes today (the default `--knows batch-size`); asking for another value
-    is a one-line error rather than a silently ignored option."""
-    have = {f.name for f in dataclasses.fields(spec_type)}
-    wanted = known.spec_fields()
-    default = Knows().spec_fields()
-    missing = [name for name, value in wanted.items() if name not in have and value != default[name]]
-    if missing:
-        raise GradleakError(f"fl cannot take --knows {known.describe()} yet: its spec has no {missing[0]}")
-    return {name: value for name, value in wanted.items() if name in have}
 
 
 def _refused(leak: Any) -> bool:

@@ -15,6 +15,10 @@ from gradleak.victims import Victim, load_victim
 # small, and on a shared 2-core machine two OpenMP threads per process wait on each other (measured:
 # the MiniLM batch-of-four test took 158 s with two threads under load, 48 s with one).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Offline, as the tests must run: a Hub id that is not cached fails at once instead of retrying a network
+# that is not there (set before transformers or huggingface_hub is imported, which read it then).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 

@@ -135,7 +135,7 @@ def test_the_failure_counts_ignore_refusals():
 # ------------------------------------------------------------------ fl
 
 
-def _leak(client: int, error: str | None = None, refused: bool | None = None):
+def _leak(client: int, error: str | None = None, refused: bool = False):
     from gradleak.flower.audit import ClientLeak
     from gradleak.metrics import Scores
     from gradleak.privacy import PrivacyReport
@@ -149,10 +149,9 @@ def _leak(client: int, error: str | None = None, refused: bool | None = None):
         scores=Scores(0.0, 0.0, 0.0, 0.0, 0.0) if error else Scores(100.0, 100.0, 100.0, 100.0, 100.0),
         seconds=0.1,
         privacy=PrivacyReport(epsilon=None, delta=1e-5, accountant="rdp"),
-        error=error,
+        error=None if error is None else f"{'refused' if refused else 'failed'}: {error}",
     )
-    if refused is not None:  # a ClientLeak that records refusals (another branch adds the field)
-        object.__setattr__(leak, "refused", refused)
+    assert leak.refused == refused
     return leak
 
 
@@ -163,7 +162,7 @@ def test_fl_failures_count_errors_but_not_refusals():
     ok = SimpleNamespace(errors=(), leaks=(_leak(0), _leak(1)))
     assert fl_failures(ok) == [] and fl_refused(ok) == 0
     crashed = SimpleNamespace(errors=(), leaks=(_leak(0), _leak(1, "boom")))
-    assert fl_failures(crashed) == ["round 1 client 1: boom"]
+    assert fl_failures(crashed) == ["round 1 client 1: failed: boom"]
     refused = SimpleNamespace(errors=(), leaks=(_leak(0, "too many tokens", refused=True),))
     assert fl_failures(refused) == [] and fl_refused(refused) == 1
     client_failed = SimpleNamespace(errors=("round 1, node 7: out of memory",), leaks=())

@@ -385,16 +385,26 @@ def _builder(name: str) -> Builder:
         return FAMILIES[family].build(**size)
     if Path(name).is_dir():
         return _from_directory(Path(name))
-    if HUB_ID.fullmatch(name):
-        return _from_hub(name)
+    hub = name.removeprefix("hf:")
+    if HUB_ID.fullmatch(hub) and ("/" in hub or name.startswith("hf:") or _cached_on_hub(hub)):
+        return _from_hub(hub)
     raise GradleakError(
-        f"unknown victim {name!r}: not a model directory, nor a Hub id, nor one of {', '.join(PRESETS)}, "
-        f"nor {FAMILY_SYNTAX}"
+        f"unknown victim {name!r}: not a model directory, nor one of {', '.join(PRESETS)}, "
+        f"nor {FAMILY_SYNTAX}, nor a Hub id (owner/name, or hf:NAME for a bare one)"
     )
 
 
-# a Hugging Face Hub model id: `owner/name`, or a bare canonical name such as `gpt2`
+# a Hugging Face Hub model id: `owner/name`, or a bare canonical name such as `gpt2`. A bare name is
+# taken for a Hub id when written `hf:gpt2` or found in the local cache: a typo of a preset is an
+# unknown victim at once, not a network round trip.
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def _cached_on_hub(model_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model_id, "config.json")
+    return isinstance(found, str)
 
 
 def load_victim(

@@ -540,8 +540,11 @@ def _assemble_decoder(
     scores: list[float] = [0.0] * len(prefixes)
     finished: list[tuple[list[int], float]] = []
     beam = MAX_PREFIXES if null is None or knowledge.batch_size is None else 4 * knowledge.batch_size
+    scale: list[float] = []  # clean updates: the typical residual of the extensions kept last
 
     def cut(p: int, prefixes: list[list[int]]) -> float:
+        if null is None and scale:  # true extensions sit at the update's precision, false ones far above
+            return min(threshold, max(MARGIN * scale[-1], 1e-13))
         if null is None or not prefixes:
             return threshold
         gen, vocab = null
@@ -559,6 +562,8 @@ def _assemble_decoder(
         keep = [i for i in range(len(prefixes)) if res[i] < limit0]
         prefixes = [prefixes[i] for i in keep]
         scores = [float(res[i]) for i in keep]
+        if scores:
+            scale.append(min(scores))  # the best first token is a true one
     for p in range(1, len(cands.tokens)):
         toks = [int(t) for t in cands.tokens[p]]
         if not toks:
@@ -589,6 +594,9 @@ def _assemble_decoder(
         for i, pre in enumerate(prefixes):
             if i not in alive:
                 finished.append((pre, scores[i]))
+        kept = sorted(float(res[k]) for k in torch.argsort(res)[: len(new)].tolist())
+        if kept:  # precision drifts along the sequence: follow the kept extensions' median
+            scale.append(max(scale[0], kept[len(kept) // 2]) if scale else kept[len(kept) // 2])
         prefixes, scores = new, new_scores
     finished.extend(zip(prefixes, scores, strict=True))
     finished.sort(key=lambda f: f[1])

@@ -101,3 +101,30 @@ def test_exact_recovers_smollm2_lm_last_tokens_from_the_head(smollm2_lm):
     rec, scores = _attack(smollm2_lm, batch)
     assert scores.exact_match == 100.0, (batch.texts, rec.texts)
     assert any("output layer" in n for n in rec.notes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma"])
+@pytest.mark.parametrize("task", ["classify", "lm"])
+def test_exact_recovers_small_random_models_of_other_families(family, task, tmp_path):
+    """Qwen2 (attention biases), Mistral (sliding-window config) and Gemma (scaled embeddings, a zero
+    padding embedding) built by transformers from a config, saved as a folder and given as --victim:
+    found from structure (rotary, grouped-query attention, gated MLPs), recovered exactly."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gradleak.victims import gpt2_tokenizer
+
+    tok = gpt2_tokenizer()
+    extra = {"head_dim": 32} if family == "gemma" else {}
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    victim = load_victim(str(tmp_path), task=task, dtype="float64", seed=0)
+    batch = batch_from(victim, "sst2", 2, seed=0, with_labels=task == "classify")
+    rec, scores = _attack(victim, batch)
+    assert scores.exact_match == 100.0, (batch.texts, rec.texts)
+    assert any("position-free" in n for n in rec.notes)

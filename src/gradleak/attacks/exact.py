@@ -67,6 +67,9 @@ MARGIN = 1000.0  # present candidates lie within this factor of the run's typica
 CONTEXT_GAP = 4.0  # the context check's span may be cut at a weaker gap (its rows' own rounding)
 CHUNK = 4096
 MAX_PREFIXES = 2048
+# the decoder check's cut never falls below this: a cached extension and the client's full sequence can
+# differ by float32-level rounding (rotary models in float64), while false extensions sit near 1e-2
+CUT_FLOOR = 1e-5
 NULL_SAMPLES = 64  # random tokens per position whose residuals show what "absent" looks like
 NULL_RATIO = 0.5  # perturbed updates: a candidate's residual must be below this x the null median
 OUTLIER_Z = 8.0  # perturbed updates: rows standing out of the noise by this robust z-score
@@ -544,7 +547,7 @@ def _assemble_decoder(
 
     def cut(p: int, prefixes: list[list[int]]) -> float:
         if null is None and scale:  # true extensions sit at the update's precision, false ones far above
-            return min(threshold, max(MARGIN * scale[-1], 1e-13))
+            return min(threshold, max(MARGIN * scale[-1], CUT_FLOOR))
         if null is None or not prefixes:
             return threshold
         gen, vocab = null

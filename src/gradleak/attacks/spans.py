@@ -71,8 +71,14 @@ def span_of(rows: torch.Tensor, max_rank: int | None = None, min_gap: float = MI
 
 
 def residual(span: Span, x: torch.Tensor) -> torch.Tensor:
-    """Relative distance ||x - P x|| / ||x|| of each row of x (..., d) to the span."""
+    """Relative distance ||x - P x|| / ||x|| of each row of x (..., d) to the span; inf for a zero row
+    (a padding embedding held at zero lies in every span and so is evidence of nothing)."""
     x = x.to(torch.float64)
+    out = _residual(span, x)
+    return out.masked_fill(x.abs().amax(dim=-1) == 0, float("inf"))
+
+
+def _residual(span: Span, x: torch.Tensor) -> torch.Tensor:
     if 2 * span.rank > span.dim:  # the complement is the smaller basis (and needs no cancellation)
         return (x @ span.complement).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-300)
     total = x.pow(2).sum(dim=-1)

@@ -1,7 +1,8 @@
-"""The exact attack on a GPT-2-width decoder and on the real MiniLM: quality and seconds per batch.
+"""The exact attack on a GPT-2-width decoder, the real MiniLM, or any victim: quality and seconds per batch.
 
     python benchmarks/exact.py                       # the full table (long)
     python benchmarks/exact.py --batches 2           # a quick look
+    python benchmarks/exact.py --victims smollm2 --tasks classify,lm --device cuda   # any victim, Hub ids too
 
 Writes the section `exact` of benchmarks/RESULTS.md and prints the table.
 """
@@ -27,7 +28,9 @@ B=2/4/8 90.1/57.3/33.9 at 16/39/109 s; GPT-2 (2 layers, n_embd 768, random) B=1/
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--victims", default="gpt2-wide,minilm")
+    ap.add_argument("--victims", default="gpt2-wide,minilm", help="presets, model folders or Hub ids")
+    ap.add_argument("--tasks", default="classify", help="classify and/or lm (decoders)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--data", default="cola,sst2,rt")
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--batches", type=int, default=10, help="batches per cell")
@@ -47,25 +50,27 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    for victim in args.victims.split(","):
+    cells = [(v, t) for v in args.victims.split(",") for t in args.tasks.split(",")]
+    for victim, task in cells:
         for data in args.data.split(","):
             for b in (int(x) for x in args.batch_sizes.split(",")):
                 if victim == "minilm" and b > args.minilm_max_batch:
                     continue
                 n = args.large_batches if b >= (8 if victim == "minilm" else 32) else args.batches
                 spec = RunSpec(
-                    victim=victim, data=data, batch_size=b, attack="exact", dtype=args.dtype,
-                    known_lengths=False, max_length=64, time_budget=args.time_budget,
+                    victim=victim, task=task, data=data, batch_size=b, attack="exact", dtype=args.dtype,
+                    device=args.device, known_lengths=False, max_length=64, time_budget=args.time_budget,
                 )  # fmt: skip
                 try:
                     s = summarise(run_cell(spec, n))
                 except GradleakError as exc:  # a refusal (too many tokens) is a result too
-                    rows.append([victim, data, b, n, "-", "-", "-", f"refused: {str(exc)[:60]}"])
+                    rows.append([victim, task, data, b, n, "-", "-", "-", f"refused: {str(exc)[:60]}"])
                     print(rows[-1], flush=True)
                     write_section(args.section, _body(args, rows, done=False))
                     continue
                 rows.append(
-                    [victim, data, b, s["batches"], s["rouge1"], s["rouge2"], s["exact_match"], s["seconds"]]
+                    [victim, task, data, b, s["batches"], s["rouge1"], s["rouge2"], s["exact_match"],
+                     s["seconds"]]  # fmt: skip
                 )
                 print(
                     " | ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in rows[-1]), flush=True
@@ -75,7 +80,7 @@ def main() -> None:
     print(table(HEADER, rows))
 
 
-HEADER = ["victim", "data", "B", "batches", "ROUGE-1", "ROUGE-2", "exact %", "s/batch"]
+HEADER = ["victim", "task", "data", "B", "batches", "ROUGE-1", "ROUGE-2", "exact %", "s/batch"]
 
 
 def _body(args: argparse.Namespace, rows: list[list[object]], *, done: bool) -> str:
@@ -85,7 +90,7 @@ def _body(args: argparse.Namespace, rows: list[list[object]], *, done: bool) -> 
         f"Command arguments: `{' '.join(sys.argv[1:])}`. "
         f"{args.dtype} updates, word-embedding gradient shared, lengths and labels unknown, batch size "
         f"known; assembly budget {args.time_budget:.0f} s a batch (the encoder search's; a decoder "
-        f"returns its prefixes so far when it passes). Machine: {machine()}.\n\n"
+        f"returns its prefixes so far when it passes); device {args.device}. Machine: {machine()}.\n\n"
         f"{table(HEADER, rows)}\n\n{PUBLISHED}\n"
     )
 

@@ -14,6 +14,13 @@ NeurIPS 2024), for decoders and encoders, with labels, lengths and batch content
    separates true prefixes from false ones. Encoders assign the per-position candidates to
    sequences by a search (`encoder_search`) on the span residual of the first attention's context
    (its output projection's input) of whole sequences, under length hypotheses (`lengths`).
+   Rotary decoders (Llama, Qwen2, Mistral, Gemma: found by a probe, not by name) add positions inside
+   the attention, so the first layer reads each token alone: one token set serves every position,
+   and the prefix growth finds where sequences end. Its check is cut at MARGIN times the residual of
+   the extensions kept last (true ones sit at the update's precision, false ones orders above); a run
+   of one repeated token is not grown there (equal values: its context is its first token's).
+   Language modelling leaves each sequence's last token out of every span (its position predicts
+   nothing): it is read off the output layer's gradient once the prefixes are known (`final_tokens`).
 6. Labels: with the sequences known, the head's weight gradient is a linear function of the
    per-example (p_i - y_i), which least squares recovers exactly.
 

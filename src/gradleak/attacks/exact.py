@@ -487,12 +487,14 @@ def _cached_prefix_run(victim: Victim, proj: Projection, ids: torch.Tensor, cach
         with torch.no_grad():
             victim.model(
                 input_ids=ids.to(victim.device), attention_mask=mask, position_ids=pos,
-                past_key_values=cache, use_cache=True,
+                cache=cache, use_cache=True,
             )  # fmt: skip
     except _CacheStop:
         pass
     finally:
         handle.remove()
+    if cache.get_seq_length() != offset + k:  # a model that ignores the cache saw the new tokens alone
+        raise ValueError(f"the model did not use the KV cache ({cache.get_seq_length()} != {offset + k})")
     return captured[0], cache
 
 

@@ -77,6 +77,7 @@ MAX_PREFIXES = 2048
 # the decoder check's cut never falls below this: a cached extension and the client's full sequence can
 # differ by float32-level rounding (rotary models in float64), while false extensions sit near 1e-2
 CUT_FLOOR = 1e-5
+CUT_GAP = 100.0  # a jump this large between consecutive residuals under the cut separates true from false
 NULL_SAMPLES = 64  # random tokens per position whose residuals show what "absent" looks like
 NULL_RATIO = 0.5  # perturbed updates: a candidate's residual must be below this x the null median
 OUTLIER_Z = 8.0  # perturbed updates: rows standing out of the noise by this robust z-score
@@ -595,6 +596,8 @@ def _assemble_decoder(
         parent = [i for i, _ in pairs]
         res = extension_residuals(victim, check, prefixes, parent, [t for _, t in pairs])
         limit = cut(p, prefixes)
+        if null is None:
+            limit = _split_at_gap(res, limit)
         alive = set()
         new, new_scores = [], []
         for k in torch.argsort(res).tolist():
@@ -613,6 +616,21 @@ def _assemble_decoder(
     finished.extend(zip(prefixes, scores, strict=True))
     finished.sort(key=lambda f: f[1])
     return [f[0] for f in finished]
+
+
+def _split_at_gap(res: torch.Tensor, limit: float) -> float:
+    """The cut lowered into the widest gap (at least CUT_GAP) between consecutive residuals under it, not
+    below CUT_FLOOR:
+    along long sequences the true extensions' residuals drift up and the false ones' down (the span
+    fills more of the space) until a fixed margin above the true ones would reach the false ones."""
+    under = torch.sort(res[res < limit]).values.double()
+    if len(under) < 2:
+        return limit
+    ratios = under[1:] / under[:-1].clamp_min(1e-300)
+    k = int(torch.argmax(ratios))
+    if float(ratios[k]) < CUT_GAP:
+        return limit
+    return max(CUT_FLOOR, float(torch.sqrt(under[k] * under[k + 1])))  # never below rounding level
 
 
 # ------------------------------------------------------------------ labels

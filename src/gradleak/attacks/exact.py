@@ -330,6 +330,9 @@ def _candidates(
         if once is None:
             toks, scores = position_candidates(victim, probe, span1, pool, p, scene.threshold, null)
             if scene.position_free:
+                if not noisy:  # one set for all positions: cut in the gap between true and false tokens
+                    keep = scores < _split_at_gap(scores, scene.threshold)
+                    toks, scores = toks[keep], scores[keep]
                 once = (toks, scores)
         else:
             toks, scores = once
@@ -341,7 +344,7 @@ def _candidates(
         candidates.scores.append(scores)
         if progress is not None:
             progress(p + 1, limit, float(scores[0]) if len(scores) else float("nan"))
-    if not noisy:
+    if not noisy and not scene.position_free:  # (position-free sets were cut at their gap above)
         candidates = _tighten(candidates, scene.threshold)
         occ = None if scene.causal or vocab_pool else resolve(victim, grads, pool, len(candidates.tokens))
         if occ is not None:

@@ -221,16 +221,16 @@ def _from_pretrained(source: str, task: str, num_labels: int, where: str) -> tup
     except (OSError, ValueError, KeyError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GradleakError(f"cannot load a Hugging Face model {where}: {first}") from None
+    if tok.pad_token is None:  # decoders often ship without one: batches pad with the end token
+        tok.pad_token = tok.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
     return model, tok
 
 
 def _from_directory(path: Path) -> Builder:
     def build(task: str, num_labels: int) -> tuple[nn.Module, object]:
         model, tok = _from_pretrained(str(path), task, num_labels, f"from {path}")
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tok.pad_token_id
         return model, tok
 
     return build
@@ -251,10 +251,6 @@ def _from_hub(model_id: str) -> Builder:
                 f"unknown victim {model_id!r}: not a preset ({', '.join(PRESETS)}), a sized family, "
                 f"or a model directory, and the Hugging Face Hub model {model_id!r} cannot be had: {why}"
             ) from None
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tok.pad_token_id
         return model, tok
 
     return build

@@ -31,9 +31,11 @@ LEAK_STOPS = 20.0  # ROUGE-1 below this counts as no leak (unigram overlap of un
 
 def _points(args: argparse.Namespace) -> list[tuple[str, tuple[str, ...]]]:
     pts: list[tuple[str, tuple[str, ...]]] = [("none", ())]
-    pts += [(f"sigma={s}", (f"gaussian:sigma={s}",)) for s in args.sigmas.split(",")]
+    pts += [(f"sigma={s}", (f"gaussian:sigma={s}",)) for s in args.sigmas.split(",") if s]
     pts += [
-        (f"dp-sgd Z={z}", (f"dp-sgd:clip={args.clip},multiplier={z}",)) for z in args.multipliers.split(",")
+        (f"dp-sgd Z={z}", (f"dp-sgd:clip={args.clip},multiplier={z}",))
+        for z in args.multipliers.split(",")
+        if z
     ]
     return pts
 

@@ -42,6 +42,8 @@ def main() -> None:
     )
     ap.add_argument("--minilm-max-batch", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-length", type=int, default=64, help="tokens kept per sentence")
+    ap.add_argument("--min-tokens", type=int, default=0, help="only passages of at least this many tokens")
     ap.add_argument("--time-budget", type=float, default=60.0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--section", default="exact")
@@ -59,7 +61,8 @@ def main() -> None:
                 n = args.large_batches if b >= (8 if victim == "minilm" else 32) else args.batches
                 spec = RunSpec(
                     victim=victim, task=task, data=data, batch_size=b, attack="exact", dtype=args.dtype,
-                    device=args.device, known_lengths=False, max_length=64, time_budget=args.time_budget,
+                    device=args.device, known_lengths=False, max_length=args.max_length,
+                    min_tokens=args.min_tokens, time_budget=args.time_budget,
                 )  # fmt: skip
                 try:
                     s = summarise(run_cell(spec, n))

@@ -73,6 +73,7 @@ ACCEPT_FLOAT32 = 2e-2  # the same for updates computed in float32
 MARGIN = 1000.0  # present candidates lie within this factor of the run's typical best residual
 CONTEXT_GAP = 4.0  # the context check's span may be cut at a weaker gap (its rows' own rounding)
 CHUNK = 4096
+CELLS = 2**25  # numbers in one chunk's largest tensor (the decoder check's attention and cache copies)
 MAX_PREFIXES = 2048
 # the decoder check's cut never falls below this: a cached extension and the client's full sequence can
 # differ by float32-level rounding (rotary models in float64), while false extensions sit near 1e-2
@@ -516,14 +517,25 @@ def extension_residuals(
     try:
         from transformers import DynamicCache
 
-        _, cache = _cached_prefix_run(victim, check.proj, torch.tensor(prefixes))
-        layer = cache.layers[0]
+        config = victim.model.config
+        heads = int(getattr(config, "num_attention_heads", 1) or 1)
+        width = victim.hidden_size
+        # memory in bounds for long prefixes: the prefixes' attention scores and the new tokens' copies
+        # of the cache, each at most about CELLS numbers a chunk
+        n_pre = max(1, CELLS // (p * (p * heads + width)))
+        keys, values = [], []
+        for start in range(0, len(prefixes), n_pre):
+            _, cache = _cached_prefix_run(victim, check.proj, torch.tensor(prefixes[start : start + n_pre]))
+            keys.append(cache.layers[0].keys)
+            values.append(cache.layers[0].values)
+        all_keys, all_values = torch.cat(keys), torch.cat(values)
+        n_new = max(1, min(CHUNK, CELLS // (p * width)))
         out = []
-        for start in range(0, len(tokens), CHUNK):
-            idx = torch.tensor(parents[start : start + CHUNK], device=layer.keys.device)
-            sub = DynamicCache(config=victim.model.config)
-            sub.update(layer.keys[idx], layer.values[idx], 0)
-            new = torch.tensor(tokens[start : start + CHUNK]).unsqueeze(1)
+        for start in range(0, len(tokens), n_new):
+            idx = torch.tensor(parents[start : start + n_new], device=all_keys.device)
+            sub = DynamicCache(config=config)
+            sub.update(all_keys[idx], all_values[idx], 0)
+            new = torch.tensor(tokens[start : start + n_new]).unsqueeze(1)
             x, _ = _cached_prefix_run(victim, check.proj, new, sub, offset=p)
             out.append(residual(check.span, x[:, 0].cpu()))
         return torch.cat(out)

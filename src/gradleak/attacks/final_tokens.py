@@ -19,14 +19,10 @@ left is assigned by the largest gain in squared norm.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from gradleak.attacks.context import pad
 from gradleak.victims import Victim
-
-log = logging.getLogger(__name__)
 
 
 def output_weight_name(victim: Victim) -> str | None:

@@ -148,7 +148,9 @@ def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
     attack = get_attack(spec.attack)
     options = spec.options()
     torch.manual_seed(spec.seed)
-    victim = load_victim(spec.victim, task=spec.task, dtype=spec.dtype, seed=spec.seed, device=spec.device)
+    victim = load_victim(
+        spec.victim, task=spec.task, dtype=spec.dtype, seed=spec.seed, device=spec.device, peft=spec.peft
+    )
     everything = spec.examples()
     examples = filter_by_words(everything, spec.min_words, spec.max_words)
     if not examples:

@@ -43,6 +43,9 @@ class VictimSpec:
     # store's key while unset, so the keys of runs stored before these fields existed still hold
     text_column: str | None = field(default=None, metadata={KEYED_WHEN_SET: True})
     label_column: str | None = field(default=None, metadata={KEYED_WHEN_SET: True})
+    # parameter-efficient fine-tuning (`lora:r=8,targets=q_proj+v_proj`): the client trains and shares
+    # only the adapters (`gradleak.adapters`); None: the full model
+    peft: str | None = field(default=None, metadata={KEYED_WHEN_SET: True})
 
     def examples(self):  # -> list[gradleak.data.Example]
         """Every example of the spec's data set, read with its columns."""
@@ -64,6 +67,10 @@ class VictimSpec:
         if self.dtype not in DTYPES:
             raise GradleakError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         check_victim_name(self.victim)
+        if self.peft:
+            from gradleak.adapters import parse_peft
+
+            parse_peft(self.peft)
         check_delta(self.delta)
         get_accountant(self.accountant)
         self.defense_chain()

@@ -444,7 +444,9 @@ def train(spec: TrainSpec, progress: Progress | None = None) -> TrainRecord:
     spec.validate()
     chain = spec.defense_chain()
     start = time.perf_counter()
-    victim = load_victim(spec.victim, task=spec.task, dtype=spec.dtype, seed=spec.seed, device=spec.device)
+    victim = load_victim(
+        spec.victim, task=spec.task, dtype=spec.dtype, seed=spec.seed, device=spec.device, peft=spec.peft
+    )
     examples = spec.examples()
     train_set, held = split_examples(examples, spec.holdout, spec.split_seed)
     held = held[: spec.max_eval]

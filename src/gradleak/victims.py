@@ -411,21 +411,32 @@ def load_victim(
     seed: int = 0,
     device: str = "cpu",
     num_labels: int = NUM_LABELS,
+    peft: str | None = None,
 ) -> Victim:
     """A preset by name, a parametric random model (`gpt2-random:layers=4,hidden=256,heads=4`), or any
-    local Hugging Face model directory; seeded and deterministic."""
+    local Hugging Face model directory; seeded and deterministic. `peft` (`lora:r=8,...`) wraps it in
+    LoRA adapters with the base frozen (`gradleak.adapters`)."""
     if task not in TASKS:
         raise GradleakError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if dtype not in DTYPES:
         raise GradleakError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise GradleakError(f"device {device!r} requested but CUDA is not available")
+    lora = None
+    if peft:
+        from gradleak.adapters import parse_peft
+
+        lora = parse_peft(peft)  # bad syntax fails before the model loads
     builder = _builder(name)
     _quiet_transformers()
     torch.manual_seed(seed)
     model, tok = builder(task, num_labels)
     _force_eager(model)
     model = model.to(device=device, dtype=DTYPES[dtype])
+    if lora is not None:
+        from gradleak.adapters import apply_lora
+
+        model = apply_lora(model, lora, task=task, num_labels=num_labels, seed=seed)
     model.eval()  # dropout off: the shared update is a deterministic function of the batch
     log.info("victim %s (%s, %s) loaded with seed %d", name, task, dtype, seed)
     return Victim(name=name, model=model, tokenizer=tok, task=task, num_labels=num_labels, seed=seed)

@@ -26,9 +26,7 @@ class Knowledge:
         if batch_size and self.batch_size is None:
             raise Refusal(f"attack {attack!r} needs the batch size, which this scenario withholds")
         if lengths and self.lengths is None:
-            raise Refusal(
-                f"attack {attack!r} needs the sequence lengths, which this scenario withholds"
-            )
+            raise Refusal(f"attack {attack!r} needs the sequence lengths, which this scenario withholds")
 
 
 @dataclass(frozen=True)

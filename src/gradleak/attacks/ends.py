@@ -19,6 +19,7 @@ import torch
 from gradleak.attacks.context import pad
 from gradleak.attacks.spans import residual, span_of
 from gradleak.attacks.structure import capture_input, context_projections, gradient_rows, layer_blocks
+from gradleak.errors import Refusal
 from gradleak.victims import Victim
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,10 @@ def hidden_prefixes(
     if missing < 1 or not seqs:
         return []
     last = len(layer_blocks(victim.model)) - 1
-    group = context_projections(victim, last)
+    try:
+        group = context_projections(victim, last)
+    except Refusal:  # no map after the last attention trains (LoRA on the attention only)
+        return []
     if any(p.name not in grads for p in group):
         return []
     span = span_of(gradient_rows(grads, group))

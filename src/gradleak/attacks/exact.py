@@ -50,15 +50,17 @@ from gradleak.attacks.occurrences import Occurrences, resolve
 from gradleak.attacks.spans import Span, noisy_span_of, residual, span_of
 from gradleak.attacks.structure import (
     Projection,
-    attention_projections,
     capture_input,
-    context_projections,
+    context_views,
     gradient_rows,
+    input_views,
     is_causal,
     layer_blocks,
     mixing_projections,
+    pick_view,
     position_embedding,
     position_free,
+    row_cap,
     word_embedding_name,
 )
 from gradleak.attacks.tokens import decode
@@ -173,6 +175,7 @@ class _Scene:
     threshold: float = ACCEPT
     check: ContextCheck | None = None
     position_free: bool = False  # the first layer reads tokens without positions (rotary models)
+    cap: int = 0  # the most dimensions the first view's rows can span (the width; LoRA: the rank)
 
 
 class ExactAttack:
@@ -223,17 +226,23 @@ def _scene(victim: Victim, update: Update) -> _Scene:
             "so the span argument holds only approximately"
         )
     grads = update.gradients()
-    first = attention_projections(victim, 0)
+    views = input_views(victim, 0)
+    first = pick_view(grads, views)
     causal = is_causal(victim)
-    second = context_projections(victim, 0)
+    second = pick_view(grads, context_views(victim, 0))
     mixing = mixing_projections(victim, 0)
-    shared = not causal and all(p.name in grads for p in mixing)
+    shared = not causal and mixing[0].reads is None and all(p.name in grads for p in mixing)
     groups = (
         [mixing, second]
         if shared and all(p.name in grads for p in second)
         else [mixing if shared else second]
     )
-    return _Scene(grads, first, causal, groups, victim.hidden_size, notes)
+    if first is not views[0]:
+        notes.append(
+            f"first-layer span from {first[0].name}: the input seen through the LoRA factor it reads "
+            f"(the A factors' gradient is zero while B = 0), at most {row_cap(victim, first)} dimensions"
+        )
+    return _Scene(grads, first, causal, groups, victim.hidden_size, notes, cap=row_cap(victim, first))
 
 
 def _require_gradients(scene: _Scene) -> None:
@@ -243,12 +252,21 @@ def _require_gradients(scene: _Scene) -> None:
             raise Refusal(f"the exact attack needs the gradient of {p.name}, which the client withheld")
 
 
+def _room(cap: int, hidden: int) -> str:
+    """What bounds a span: the hidden width, or (LoRA) the adapters' rows."""
+    if cap and cap < hidden:
+        return f"{cap} dimensions (the LoRA factors' rows: the rank r bounds what they span)"
+    return f"the hidden width {hidden}"
+
+
 def _require_room(scene: _Scene, knowledge: Knowledge, options: AttackOptions) -> None:
-    """Refuse (unless forced) a batch whose known token count reaches the hidden width."""
-    if knowledge.lengths is not None and sum(knowledge.lengths) >= scene.hidden and not options.force:
+    """Refuse (unless forced) a batch whose known token count reaches the hidden width (or the
+    rows a LoRA view can span)."""
+    limit = min(scene.cap or scene.hidden, scene.hidden)
+    if knowledge.lengths is not None and sum(knowledge.lengths) >= limit and not options.force:
         raise Refusal(
-            f"the batch holds {sum(knowledge.lengths)} tokens, at or above the hidden width "
-            f"{scene.hidden}: span checks cannot separate them (use --force to try anyway)"
+            f"the batch holds {sum(knowledge.lengths)} tokens, at or above {_room(scene.cap, scene.hidden)}: "
+            "span checks cannot separate them (use --force to try anyway)"
         )
 
 
@@ -261,8 +279,8 @@ def _first_span(scene: _Scene, knowledge: Knowledge, options: AttackOptions) -> 
     noisy = knowledge.perturbed or (span1.full and options.force)
     if span1.full and not noisy:
         raise Refusal(
-            f"the first layer's gradient has no clear rank below the hidden width {hidden} "
-            f"(rank {span1.rank}, gap {span1.gap:.3g}): the batch's token count reaches the width, "
+            f"the first layer's gradient has no clear rank below {_room(scene.cap, hidden)} "
+            f"(rank {span1.rank}, gap {span1.gap:.3g}): the batch's token count reaches it, "
             "or the update is perturbed; span checks cannot hold (use --force to try anyway)"
         )
     # the rank: by the gap where one shows (noise still below rounding), else above the noise bulk
@@ -283,10 +301,14 @@ def _choose_context_check(scene: _Scene, options: AttackOptions) -> None:
     refused unless forced (then said in the notes)."""
     check = _context_check(scene.grads, scene.groups, scene.noisy)
     if check.span.full and not scene.noisy:
+        group = next(g for g in scene.groups if g[0] == check.proj)
+        cap = min(
+            check.span.dim, sum(int(scene.grads[p.name].shape[1 if p.transposed else 0]) for p in group)
+        )
         message = (
-            f"the context check's gradient ({check.proj.name}) has no clear rank below the hidden "
-            f"width {scene.hidden} (rank {check.span.rank}, gap {check.span.gap:.3g}): the batch's tokens "
-            "reach the width, so every arrangement of the candidates would pass it"
+            f"the context check's gradient ({check.proj.name}) has no clear rank below "
+            f"{_room(cap, scene.hidden)} (rank {check.span.rank}, gap {check.span.gap:.3g}): the batch's "
+            "tokens reach it, so every arrangement of the candidates would pass it"
         )
         if not options.force:
             raise Refusal(message + " (use --force to try anyway)")

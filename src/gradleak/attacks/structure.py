@@ -25,10 +25,13 @@ class _Stop(Exception):
 class Projection:
     name: str  # parameter name of the weight
     transposed: bool  # Conv1D stores (in, out); nn.Linear stores (out, in)
+    reads: str | None = None  # the weight whose output this map reads (LoRA's B reads A's output)
 
 
 def _is_projection(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """A linear map that trains: frozen maps (the base of a LoRA-adapted model) share no gradient."""
+    linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return linear and bool(module.weight.requires_grad)
 
 
 def layer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -57,20 +60,27 @@ def projection_groups(victim: Victim, block: int) -> list[tuple[Projection, ...]
     """The block's linear maps, grouped by the input they read, in the order the forward runs them.
 
     BERT: (query, key, value), (attention output), (intermediate), (output); GPT-2: (c_attn),
-    (attn.c_proj), (mlp.c_fc), (mlp.c_proj).
+    (attn.c_proj), (mlp.c_fc), (mlp.c_proj). LoRA-adapted maps (only the adapters train): the A
+    factors that read one input form a group, and each B factor, which reads its A's output, a group
+    of its own (`Projection.reads` names that A).
     """
     model = victim.model
     target = layer_blocks(model)[block]
     seen: list[tuple[str, nn.Module, torch.Tensor]] = []
+    outputs: list[tuple[str, torch.Tensor]] = []
     handles = []
     names = {m: n for n, m in model.named_modules()}
 
     def hook(module, args):
         seen.append((names[module], module, args[0]))  # tensors kept alive: compared by identity
 
+    def out_hook(module, args, output):
+        outputs.append((f"{names[module]}.weight", output))
+
     for module in target.modules():
         if _is_projection(module):
             handles.append(module.register_forward_pre_hook(hook))
+            handles.append(module.register_forward_hook(out_hook))
     try:
         ids = torch.zeros(1, 3, dtype=torch.long, device=victim.device)
         with torch.no_grad():
@@ -80,13 +90,19 @@ def projection_groups(victim: Victim, block: int) -> list[tuple[Projection, ...]
             h.remove()
     groups: list[tuple[torch.Tensor, list[Projection]]] = []
     for name, module, tensor in seen:
-        proj = Projection(f"{name}.weight", type(module).__name__ == "Conv1D")
+        reads = next((w for w, out in outputs if out is tensor), None)
+        proj = Projection(f"{name}.weight", type(module).__name__ == "Conv1D", reads)
         for held, members in groups:
             if held is tensor:
                 members.append(proj)
                 break
         else:
             groups.append((tensor, [proj]))
+    if not groups:
+        raise Refusal(
+            f"the exact attack does not understand this model: block {block} has no linear map that "
+            "trains (nothing of it is in the update)"
+        )
     if len(groups) < 2:
         raise Refusal(
             f"the exact attack does not understand this model: block {block} has {len(groups)} group(s) "
@@ -103,15 +119,69 @@ def attention_projections(victim: Victim, block: int) -> tuple[Projection, ...]:
 def context_projections(victim: Victim, block: int) -> tuple[Projection, ...]:
     """The last hidden-width group of the block (the MLP input): it reads each token after the
     block's attention has mixed in its context, and every token's row enters its gradient."""
+    return context_views(victim, block)[0]
+
+
+def context_views(victim: Victim, block: int) -> list[tuple[Projection, ...]]:
+    """Groups whose input depends on each token's context, first choice first: the block's last
+    hidden-width group after its attention (the MLP input) and the factors that read it; where the
+    block has none (LoRA on the attention only), the next block's input views."""
     hidden = victim.hidden_size
     groups = projection_groups(victim, block)
-    wide = [g for g in groups[1:] if _in_features(victim, g[0]) == hidden]
-    if not wide:
-        raise Refusal(
-            f"the exact attack does not understand this model: block {block} has no linear map after "
-            f"its attention that reads the hidden width {hidden}"
-        )
-    return wide[-1]
+    wide = [g for g in groups[1:] if _in_features(victim, g[0]) == hidden and g[0].reads is None]
+    if wide:
+        return [wide[-1], *chained(groups, wide[-1])]
+    if block + 1 < len(layer_blocks(victim.model)):
+        return input_views(victim, block + 1)
+    raise Refusal(
+        f"the exact attack does not understand this model: block {block} has no linear map after "
+        f"its attention that reads the hidden width {hidden}"
+    )
+
+
+def chained(
+    groups: list[tuple[Projection, ...]], group: tuple[Projection, ...]
+) -> list[tuple[Projection, ...]]:
+    """The groups that read the outputs of `group`'s maps (LoRA's B factors after their A's)."""
+    names = {p.name for p in group}
+    return [g for g in groups if g[0].reads in names]
+
+
+def input_views(victim: Victim, block: int) -> list[tuple[Projection, ...]]:
+    """Where the block's input shows in the update, first choice first: the projections that read it
+    (query/key/value, or their LoRA A factors), then each map that reads one of their outputs (a LoRA
+    B factor: its gradient spans the input seen through A, which holds even where B = 0 leaves
+    A's gradient zero)."""
+    groups = projection_groups(victim, block)
+    return [groups[0], *chained(groups, groups[0])]
+
+
+def pick_view(
+    gradients: dict[str, torch.Tensor], views: list[tuple[Projection, ...]]
+) -> tuple[Projection, ...]:
+    """The first view if its maps are all in the update with a non-zero gradient; else, of the views
+    that read it through a factor, the one whose gradient spans the most (a query sees nothing of a
+    sequence's first token, which attends to itself alone: a value sees every token). The first
+    present view where every gradient is zero, the first view where none is present: the caller refuses."""
+    from gradleak.attacks.spans import span_of
+
+    present = [v for v in views if all(p.name in gradients for p in v)]
+    live = [v for v in present if any(bool(gradients[p.name].detach().abs().max() > 0) for p in v)]
+    if not live:
+        return (present or views)[0]
+    if live[0] is views[0] or len(live) == 1:
+        return live[0]
+    return max(live, key=lambda v: span_of(gradient_rows(gradients, v)).rank)
+
+
+def row_cap(victim: Victim, projections: tuple[Projection, ...]) -> int:
+    """The most dimensions the projections' stacked gradient rows can span: their input width, or the
+    number of rows where fewer (LoRA's A factors have r rows each)."""
+    rows = 0
+    for p in projections:
+        weight = victim.model.get_parameter(p.name)
+        rows += int(weight.shape[1] if p.transposed else weight.shape[0])
+    return min(rows, _in_features(victim, projections[0]))
 
 
 def mixing_projections(victim: Victim, block: int) -> tuple[Projection, ...]:

@@ -141,7 +141,9 @@ def run_fl(
         verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
     _quiet(verbose)
     start = time.perf_counter()
-    victim = load_victim(spec.victim, task=spec.task, dtype=spec.dtype, seed=spec.seed, device=spec.device)
+    victim = load_victim(
+        spec.victim, task=spec.task, dtype=spec.dtype, seed=spec.seed, device=spec.device, peft=spec.peft
+    )
     initial = ArrayRecord(torch_state_dict=parameters(victim))
     n = spec.clients
     strategy: Any = FedAvg(

@@ -177,3 +177,49 @@ def adapter_summary(model: nn.Module) -> dict[str, list[int]]:
 
 def is_adapter(name: str) -> bool:
     return ".lora_" in name
+
+
+def check_sharing(model: nn.Module, share: tuple[str, ...], withhold: tuple[str, ...]) -> None:
+    """Under PEFT the client sends only what trains: a share or withhold item that selects only
+    frozen parameters means nothing, and withholding every adapter leaves nothing to send; both are
+    one-line errors."""
+    from gradleak.client import resolve_shared, resolve_withheld
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for item in share:
+        if not set(resolve_shared(model, (item,))) & trainable:
+            raise GradleakError(
+                f"--share {item!r} selects only frozen parameters: under --peft the client sends the adapters"
+            )
+    withheld: set[str] = set()
+    for item in withhold:
+        hits = set(resolve_withheld(model, (item,)))
+        if not hits & trainable:
+            raise GradleakError(
+                f"--withhold {item!r} selects only frozen parameters: under --peft the client sends only "
+                "the adapters (and a classifier's head), which it does not touch"
+            )
+        withheld |= hits
+    adapters = {n for n in trainable if is_adapter(n)}
+    if adapters and adapters <= withheld:
+        raise GradleakError("--withhold covers every adapter tensor: the client would send no adapter")
+
+
+def shared_summary(model: nn.Module, tensors: dict[str, torch.Tensor], peft: str | None) -> dict[str, object]:
+    """What the update holds, for the record: tensor and parameter counts; under PEFT also the LoRA
+    configuration and every shared tensor's name and shape."""
+    out: dict[str, object] = {
+        "tensors": len(tensors),
+        "parameters": int(sum(t.numel() for t in tensors.values())),
+    }
+    if peft:
+        spec = parse_peft(peft)
+        out["peft"] = {
+            "method": "lora",
+            "r": spec.r,
+            "alpha": spec.alpha,
+            "targets": list(spec.targets),
+            "adapter_tensors": sum(1 for n in tensors if is_adapter(n)),
+            "shapes": {n: list(t.shape) for n, t in tensors.items()},
+        }
+    return out

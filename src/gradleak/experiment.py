@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from gradleak.adapters import check_sharing, shared_summary
 from gradleak.attacks import AttackOptions, Knowledge, Reconstruction, get_attack
 from gradleak.attacks.base import Progress
 from gradleak.client import Update, fedavg, fedsgd, parse_share
@@ -80,6 +81,7 @@ class RunRecord:
     environment: dict[str, str] = field(default_factory=dict)
     privacy: PrivacyReport | None = None
     knows: Knows | None = None  # what the attack was given (None: what the spec says)
+    shared: dict[str, Any] | None = None  # what the update held (`adapters.shared_summary`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +101,7 @@ class RunRecord:
             "privacy": None if self.privacy is None else self.privacy.to_json(),
             # what the attack was given besides the update
             "knowledge": (self.knows or self.spec.knows()).to_json(),
+            "shared": self.shared,
             "spec": asdict(self.spec),
             "environment": self.environment,
         }
@@ -174,7 +177,10 @@ def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
         )
         run_notes.append(tuned.note())
         env.update(tuned.as_environment())
+    if spec.peft:
+        check_sharing(victim.model, spec.share, spec.withhold)
     update = make_update(spec, victim, batch)
+    shared = shared_summary(victim.model, dict(update.tensors), spec.peft)
     chain = spec.defense_chain()
     gen = torch.Generator(device=victim.device).manual_seed(spec.seed)
     update, trace = chain.apply(update, DefenseContext(victim, batch, gen))
@@ -203,6 +209,7 @@ def run_one(spec: RunSpec, progress: Progress | None = None) -> RunRecord:
         notes=(*run_notes, *rec.notes),
         environment=env,
         privacy=privacy,
+        shared=shared,
         knows=Knows(  # what was given: an lm batch has no labels to give
             batch_size=knowledge.batch_size is not None,
             lengths=knowledge.lengths is not None,

@@ -56,11 +56,13 @@ from gradleak.attacks.structure import (
     input_views,
     is_causal,
     layer_blocks,
+    lift,
     mixing_projections,
     pick_view,
     position_embedding,
     position_free,
     row_cap,
+    stop_module,
     word_embedding_name,
 )
 from gradleak.attacks.tokens import decode
@@ -502,14 +504,14 @@ def _cached_prefix_run(victim: Victim, proj: Projection, ids: torch.Tensor, cach
     n, k = ids.shape
     mask = torch.ones((n, offset + k), dtype=torch.long, device=victim.device)
     pos = torch.arange(offset, offset + k, device=victim.device).expand(n, k)
-    module = victim.model.get_submodule(proj.name.rsplit(".", 1)[0])
+    module = stop_module(victim, proj)
     captured: list[torch.Tensor] = []
 
-    def hook(mod, args):
-        captured.append(args[0].detach())
+    def hook(mod, args, kwargs):
+        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
         raise _CacheStop
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             victim.model(
@@ -522,7 +524,7 @@ def _cached_prefix_run(victim: Victim, proj: Projection, ids: torch.Tensor, cach
         handle.remove()
     if cache.get_seq_length() != offset + k:  # a model that ignores the cache saw the new tokens alone
         raise ValueError(f"the model did not use the KV cache ({cache.get_seq_length()} != {offset + k})")
-    return captured[0], cache
+    return lift(victim, proj, captured[0]), cache
 
 
 class _CacheStop(Exception):

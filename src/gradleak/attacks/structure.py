@@ -26,6 +26,9 @@ class Projection:
     name: str  # parameter name of the weight
     transposed: bool  # Conv1D stores (in, out); nn.Linear stores (out, in)
     reads: str | None = None  # the weight whose output this map reads (LoRA's B reads A's output)
+    # the outermost module that receives this map's input (or, with `reads`, its reader's input)
+    # first: capturing there skips the work in between (a LoRA-adapted map runs its frozen base first)
+    entry: str | None = None
 
 
 def _is_projection(module: nn.Module) -> bool:
@@ -77,21 +80,40 @@ def projection_groups(victim: Victim, block: int) -> list[tuple[Projection, ...]
     def out_hook(module, args, output):
         outputs.append((f"{names[module]}.weight", output))
 
+    entered: list[tuple[str, object]] = []
+
+    def entry_hook(module, args, kwargs):
+        entered.append((names[module], args[0] if args else kwargs.get("hidden_states")))
+
     for module in target.modules():
         if _is_projection(module):
             handles.append(module.register_forward_pre_hook(hook))
             handles.append(module.register_forward_hook(out_hook))
+        elif module is not target:
+            handles.append(module.register_forward_pre_hook(entry_hook, with_kwargs=True))
+    def done(module, args, output):
+        raise _Stop  # the block has run: nothing after it matters
+
+    handles.append(target.register_forward_hook(done))
     try:
         ids = torch.zeros(1, 3, dtype=torch.long, device=victim.device)
         with torch.no_grad():
             model(**victim.model_inputs(attention_mask=torch.ones_like(ids), input_ids=ids))
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
     groups: list[tuple[torch.Tensor, list[Projection]]] = []
+    entries: dict[str, str | None] = {}
     for name, module, tensor in seen:
         reads = next((w for w, out in outputs if out is tensor), None)
-        proj = Projection(f"{name}.weight", type(module).__name__ == "Conv1D", reads)
+        if reads is not None:
+            entry = entries.get(reads)
+        else:
+            entry = next((m for m, t in entered if t is tensor and name.startswith(m + ".")), None)
+        entries[f"{name}.weight"] = entry
+        proj = Projection(f"{name}.weight", type(module).__name__ == "Conv1D", reads, entry)
         for held, members in groups:
             if held is tensor:
                 members.append(proj)
@@ -203,14 +225,14 @@ def capture_input(
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The input (B, L, d) to the projection `proj` for these token ids (the pass stops there)."""
-    module = victim.model.get_submodule(proj.name.rsplit(".", 1)[0])
+    module = stop_module(victim, proj)
     captured: list[torch.Tensor] = []
 
-    def hook(mod, args):
-        captured.append(args[0].detach())
+    def hook(mod, args, kwargs):
+        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     kwargs = victim.model_inputs(
@@ -223,7 +245,22 @@ def capture_input(
         pass
     finally:
         handle.remove()
-    return captured[0]
+    return lift(victim, proj, captured[0])
+
+
+def stop_module(victim: Victim, proj: Projection) -> nn.Module:
+    """Where a pass that wants `proj`'s input can stop (`Projection.entry`)."""
+    return victim.model.get_submodule(proj.entry or (proj.reads or proj.name).rsplit(".", 1)[0])
+
+
+def lift(victim: Victim, proj: Projection, x: torch.Tensor) -> torch.Tensor:
+    """`proj`'s input from the input captured at its stop module: through the map it reads (LoRA's A
+    factor; its dropout is off in eval mode), else as is."""
+    if proj.reads is None:
+        return x
+    reader = victim.model.get_submodule(proj.reads.rsplit(".", 1)[0])
+    with torch.no_grad():
+        return reader(x).detach()
 
 
 def gradient_rows(gradients: dict[str, torch.Tensor], projections: tuple[Projection, ...]) -> torch.Tensor:

@@ -54,6 +54,14 @@ def attack(
             "repeatable; the rest is withheld. Default: share everything."
         ),
     ] = None,
+    peft: Annotated[
+        str | None,
+        typer.Option(
+            help="Fine-tune LoRA adapters on the frozen victim and share only them (and a classifier's "
+            "head): lora:r=INT[,alpha=A][,targets=NAME+NAME|attention|mlp|all-linear][,dropout=P]"
+            "[,bias=none|all|lora_only]."
+        ),
+    ] = None,
     finetune_steps: Annotated[
         int, typer.Option(help="SGD steps (batches of 8, other sentences) before the attacked round.")
     ] = 0,
@@ -118,6 +126,7 @@ def attack(
         finetune_steps=finetune_steps,
         finetune_lr=finetune_lr,
         min_tokens=min_tokens,
+        peft=peft,
         **known.spec_fields(),
     )
     spec.validate()

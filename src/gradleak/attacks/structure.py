@@ -91,6 +91,7 @@ def projection_groups(victim: Victim, block: int) -> list[tuple[Projection, ...]
             handles.append(module.register_forward_hook(out_hook))
         elif module is not target:
             handles.append(module.register_forward_pre_hook(entry_hook, with_kwargs=True))
+
     def done(module, args, output):
         raise _Stop  # the block has run: nothing after it matters
 

@@ -3,6 +3,7 @@
     python benchmarks/exact.py                       # the full table (long)
     python benchmarks/exact.py --batches 2           # a quick look
     python benchmarks/exact.py --victims smollm2 --tasks classify,lm --device cuda   # any victim, Hub ids too
+    python benchmarks/exact.py --victims smollm2 --peft lora:r=256,targets=q_proj+k_proj+v_proj --peft none
 
 Writes the section `exact` of benchmarks/RESULTS.md and prints the table.
 """
@@ -46,14 +47,24 @@ def main() -> None:
     ap.add_argument("--min-tokens", type=int, default=0, help="only passages of at least this many tokens")
     ap.add_argument("--time-budget", type=float, default=60.0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--peft",
+        action="append",
+        default=None,
+        help="LoRA adapters the client trains and shares (lora:r=8,...; repeatable; none: the full model)",
+    )
+    ap.add_argument("--finetune-steps", type=int, default=0, help="SGD steps before the attacked round")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--section", default="exact")
     args = ap.parse_args()
+    pefts = [None if p == "none" else p for p in (args.peft or ["none"])]
+    with_peft = any(pefts)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    cells = [(v, t) for v in args.victims.split(",") for t in args.tasks.split(",")]
-    for victim, task in cells:
+    cells = [(v, t, p) for v in args.victims.split(",") for t in args.tasks.split(",") for p in pefts]
+    for victim, task, peft in cells:
         for data in args.data.split(","):
             for b in (int(x) for x in args.batch_sizes.split(",")):
                 if victim == "minilm" and b > args.minilm_max_batch:
@@ -62,39 +73,48 @@ def main() -> None:
                 spec = RunSpec(
                     victim=victim, task=task, data=data, batch_size=b, attack="exact", dtype=args.dtype,
                     device=args.device, known_lengths=False, max_length=args.max_length,
-                    min_tokens=args.min_tokens, time_budget=args.time_budget,
+                    min_tokens=args.min_tokens, time_budget=args.time_budget, peft=peft,
+                    finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
                 )  # fmt: skip
+                head = [victim, task, *([peft or "full"] if with_peft else []), data, b]
                 try:
                     s = summarise(run_cell(spec, n))
                 except GradleakError as exc:  # a refusal (too many tokens) is a result too
-                    rows.append([victim, task, data, b, n, "-", "-", "-", f"refused: {str(exc)[:60]}"])
+                    rows.append([*head, n, "-", "-", "-", f"refused: {str(exc)[:110]}"])
                     print(rows[-1], flush=True)
                     write_section(args.section, _body(args, rows, done=False))
                     continue
-                rows.append(
-                    [victim, task, data, b, s["batches"], s["rouge1"], s["rouge2"], s["exact_match"],
-                     s["seconds"]]  # fmt: skip
-                )
+                rows.append([*head, s["batches"], s["rouge1"], s["rouge2"], s["exact_match"], s["seconds"]])
                 print(
                     " | ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in rows[-1]), flush=True
                 )
                 write_section(args.section, _body(args, rows, done=False))
     write_section(args.section, _body(args, rows, done=True))
-    print(table(HEADER, rows))
+    print(table(_header(args), rows))
 
 
 HEADER = ["victim", "task", "data", "B", "batches", "ROUGE-1", "ROUGE-2", "exact %", "s/batch"]
 
 
+def _header(args: argparse.Namespace) -> list[str]:
+    return HEADER if not args.peft else [*HEADER[:2], "shared", *HEADER[2:]]
+
+
 def _body(args: argparse.Namespace, rows: list[list[object]], *, done: bool) -> str:
     status = "" if done else " (run in progress: the table so far)"
+    shared = (
+        "LoRA rows: only the adapters (and a classifier's head) are shared, the word embeddings frozen"
+        if args.peft
+        else "word-embedding gradient shared"
+    )
+    tuned = f", {args.finetune_steps} fine-tuning steps first" if args.finetune_steps else ""
     return (
         f"## Exact recovery (`python benchmarks/exact.py`){status}\n\n"
         f"Command arguments: `{' '.join(sys.argv[1:])}`. "
-        f"{args.dtype} updates, word-embedding gradient shared, lengths and labels unknown, batch size "
+        f"{args.dtype} updates{tuned}, {shared}, lengths and labels unknown, batch size "
         f"known; assembly budget {args.time_budget:.0f} s a batch (the encoder search's; a decoder "
         f"returns its prefixes so far when it passes); device {args.device}. Machine: {machine()}.\n\n"
-        f"{table(HEADER, rows)}\n\n{PUBLISHED}\n"
+        f"{table(_header(args), rows)}\n\n{PUBLISHED}\n"
     )
 
 

@@ -108,6 +108,17 @@ def _stage(spec: Spec) -> str:
     return f"{victim} + {steps} fine-tuning steps" if steps else victim
 
 
+def _lora(spec: Spec, key: str) -> Any:
+    """The LoRA rank or targets of a run's `peft` (None for the full model)."""
+    text = spec.get("peft")
+    if not text:
+        return None
+    from gradleak.adapters import parse_peft
+
+    lora = parse_peft(str(text))
+    return lora.r if key == "r" else "+".join(lora.targets)
+
+
 DERIVED: dict[str, Field] = {
     f.name: f
     for f in (
@@ -121,6 +132,8 @@ DERIVED: dict[str, Field] = {
         Field("length", "sequences", _length),
         Field("stage", "victim", _stage),
         Field("forced", "forced", lambda s: "forced" if s.get("force") else ""),
+        Field("lora_r", "LoRA r", lambda s: _lora(s, "r")),
+        Field("lora_targets", "LoRA targets", lambda s: _lora(s, "targets")),
     )
 }
 

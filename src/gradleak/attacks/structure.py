@@ -147,15 +147,17 @@ def context_projections(victim: Victim, block: int) -> tuple[Projection, ...]:
 
 def context_views(victim: Victim, block: int) -> list[tuple[Projection, ...]]:
     """Groups whose input depends on each token's context, first choice first: the block's last
-    hidden-width group after its attention (the MLP input) and the factors that read it; where the
-    block has none (LoRA on the attention only), the next block's input views."""
+    hidden-width group after its attention (the MLP input) and the factors that read it, then the next
+    block's input views (for an update without the MLP's gradient: LoRA on the attention only, or a
+    client that shares the attention weights only)."""
     hidden = victim.hidden_size
     groups = projection_groups(victim, block)
     wide = [g for g in groups[1:] if _in_features(victim, g[0]) == hidden and g[0].reads is None]
-    if wide:
-        return [wide[-1], *chained(groups, wide[-1])]
-    if block + 1 < len(layer_blocks(victim.model)):
-        return input_views(victim, block + 1)
+    views = [wide[-1], *chained(groups, wide[-1])] if wide else []
+    if block + 1 < len(layer_blocks(victim.model)):  # where the MLP is withheld or frozen
+        views += input_views(victim, block + 1)
+    if views:
+        return views
     raise Refusal(
         f"the exact attack does not understand this model: block {block} has no linear map after "
         f"its attention that reads the hidden width {hidden}"

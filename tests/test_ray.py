@@ -151,7 +151,7 @@ def _busy(node) -> bool:
     return False
 
 
-def test_a_node_killed_mid_sweep_loses_no_run_and_stores_none_twice(cluster, tmp_path):
+def test_a_node_killed_mid_sweep_loses_no_run_and_stores_none_twice(cluster, tmp_path, capsys):
     """Two worker nodes of 1 CPU; once the first run is stored and the second node is running one,
     that node is killed (SIGKILL, no grace): its run is retried on the other node, every run is
     reported once and stored once, by the driver."""
@@ -176,6 +176,7 @@ def test_a_node_killed_mid_sweep_loses_no_run_and_stores_none_twice(cluster, tmp
         summary = run_sweep(jobs, store, executor, on_result=on_result)
         rows = store.runs()
     assert kill["busy"], "the node was killed while it ran no run"
+    assert capsys.readouterr().out == ""  # Ray's messages about the dead node stay off stdout (--json -)
     keys = sorted(j.key for j in jobs)
     assert sorted(reported) == keys  # each run reported once
     assert sorted(r.key for r in rows) == keys  # and stored once

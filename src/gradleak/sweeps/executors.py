@@ -161,33 +161,33 @@ class RayExecutor:
                 raise GradleakError(
                     f"cannot start or reach Ray at {self.address or 'a local instance'}: {one_line(exc)}"
                 ) from None
-        try:
-            nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-            if budget is None:  # a cluster someone else started: share its CPUs
-                budget = cluster_budget(
-                    self.workers, self.threads, (n.get("CPU", 0) for n in nodes), self._where()
+        with _quiet_driver(ray):  # until Ray is shut down: its messages come late
+            try:
+                nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+                if budget is None:  # a cluster someone else started: share its CPUs
+                    budget = cluster_budget(
+                        self.workers, self.threads, (n.get("CPU", 0) for n in nodes), self._where()
+                    )
+                gpus = self._gpus(jobs, [float(n.get("GPU", 0)) for n in nodes])
+                log.info(
+                    "%d run(s) on %s: %d CPU(s) each (%s)",
+                    len(jobs),
+                    self._where(),
+                    budget.threads,
+                    budget.reason,
                 )
-            gpus = self._gpus(jobs, [float(n.get("GPU", 0)) for n in nodes])
-            log.info(
-                "%d run(s) on %s: %d CPU(s) each (%s)",
-                len(jobs),
-                self._where(),
-                budget.threads,
-                budget.reason,
-            )
-            task = ray.remote(ray_execute)
-            pending = {
-                task.options(**self.options(job, budget, gpus)).remote(job, budget): job for job in jobs
-            }
-            with _quiet_driver(ray):
+                task = ray.remote(ray_execute)
+                pending = {
+                    task.options(**self.options(job, budget, gpus)).remote(job, budget): job for job in jobs
+                }
                 while pending:
                     ready, _ = ray.wait(list(pending), num_returns=1)
                     ref = ready[0]
                     job = pending.pop(ref)
                     on_result(_result(lambda ref=ref: ray.get(ref), job))
-        finally:
-            if started:
-                ray.shutdown()
+            finally:
+                if started:
+                    ray.shutdown()
 
     def options(self, job: Job, budget: ThreadBudget, gpus: float) -> dict[str, Any]:
         """What a run's Ray task asks for: a CPU per thread, its GPUs when it runs on cuda, and how

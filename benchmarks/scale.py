@@ -71,6 +71,7 @@ def local_cluster(nodes: int, cores: int) -> Iterator[tuple[str, float]]:
 
     start = time.perf_counter()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    forget_address(cluster.address)
     try:
         for _ in range(nodes):
             cluster.add_node(num_cpus=max(1, cores // nodes))
@@ -78,6 +79,19 @@ def local_cluster(nodes: int, cores: int) -> Iterator[tuple[str, float]]:
         yield cluster.address, time.perf_counter() - start
     finally:
         cluster.shutdown()
+
+
+def forget_address(address: str) -> None:
+    """Take the cluster's address out of Ray's `ray_current_cluster` file (Cluster writes it for
+    convenience), so that a plain `ray.init()` elsewhere on this machine does not join this cluster."""
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        path = Path(get_ray_address_file(None))
+        if path.read_text().strip() == address:
+            path.unlink()
+    except (ImportError, OSError):  # another Ray's layout, or no file: nothing to forget
+        pass
 
 
 def run_sweep(spec: Path, mode: Mode, folder: Path, expected: int, cores: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 from _cli import main_in_process
@@ -70,6 +71,19 @@ def test_local_and_ray_executors_give_identical_scores(tmp_path):
 # ------------------------------------------------------------------ a multi-node cluster
 
 
+def forget_address(address: str) -> None:
+    """Take the cluster's address out of Ray's `ray_current_cluster` file (Cluster writes it for
+    convenience), so that a plain `ray.init()` elsewhere on this machine does not join this cluster."""
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        path = Path(get_ray_address_file(None))
+        if path.read_text().strip() == address:
+            path.unlink()
+    except (ImportError, OSError):  # another Ray's layout, or no file: nothing to forget
+        pass
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A head node without CPUs (so every run goes to a worker node) and one worker node of 1 CPU."""
@@ -78,6 +92,7 @@ def cluster():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     head = {"num_cpus": 0, "include_dashboard": False, "_system_config": FAST_FAILURE}
     cluster = Cluster(initialize_head=True, head_node_args=head)
+    forget_address(cluster.address)
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     yield cluster

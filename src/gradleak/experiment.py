@@ -108,7 +108,11 @@ class RunRecord:
 
 
 def environment(device: str) -> dict[str, str]:
-    env = {"python": platform.python_version(), "device": device}
+    env = {
+        "python": platform.python_version(),
+        "device": device,
+        "torch_threads": str(torch.get_num_threads()),
+    }
     for pkg in ("gradleak", "torch", "transformers", "rouge-score"):
         try:
             env[pkg] = metadata.version(pkg)

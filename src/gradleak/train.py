@@ -374,7 +374,11 @@ def _probe(victim: Victim, batches: Sequence[Batch], iterations: int, seed: int)
 
 
 def _environment(device: str) -> dict[str, str]:
-    env = {"python": platform.python_version(), "device": device}
+    env = {
+        "python": platform.python_version(),
+        "device": device,
+        "torch_threads": str(torch.get_num_threads()),
+    }
     for pkg in ("gradleak", "torch", "transformers"):
         try:
             env[pkg] = metadata.version(pkg)

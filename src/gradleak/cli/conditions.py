@@ -49,7 +49,7 @@ def conditions(
     workers: Annotated[int, typer.Option(help="Runs at once (worker processes).")] = 1,
     threads: Annotated[
         int | None,
-        typer.Option(help="Torch threads in this process (1 on a shared machine: no oversubscription)."),
+        typer.Option(help="Torch threads per run (default cores // workers; 1 on a shared machine)."),
     ] = None,
     device: Device = None,
     run: Annotated[bool, typer.Option(help="Run what the store lacks; --no-run only writes the doc.")] = True,
@@ -65,16 +65,10 @@ def conditions(
         raise GradleakError("give --seed (one seed) or --seeds (seeds 0..N-1), not both")
     if not out.parent.exists():
         raise GradleakError(f"cannot write {out}: folder {out.parent} does not exist")
-    if threads is not None:
-        if threads < 1:
-            raise GradleakError(f"--threads must be at least 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
+    executor = make_executor("local", workers, threads=threads)  # checks both before anything runs
     overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
     paths = study_paths(list(studies or []), studies_dir)
     loaded = [load_study(p, shrink=shrink, seeds=seeds, overrides=overrides) for p in paths]
-    executor = make_executor("local", workers)
     console = console_for(json_out)
     with Store.open(store, create=True) as st:
         summaries = {}

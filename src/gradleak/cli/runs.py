@@ -32,13 +32,20 @@ from gradleak.knowledge import DEFAULT_KNOWS, parse_knows
 
 
 def _run(
-    jobs: Sequence[Any], store_path: str, executor: str, workers: int, address: str | None, console: Console
+    jobs: Sequence[Any],
+    store_path: str,
+    executor: str,
+    workers: int,
+    address: str | None,
+    console: Console,
+    threads: int | None = None,
+    gpus_per_run: float | None = None,
 ):
     from gradleak.store import Store
     from gradleak.sweeps import run_sweep
     from gradleak.sweeps.executors import make_executor
 
-    runner = make_executor(executor, workers, address)
+    runner = make_executor(executor, workers, address, threads, gpus_per_run)
     with Store.open(store_path, create=True) as store:
         todo = len(jobs) - len(store.finished_keys() & {j.key for j in jobs})
         with sweep_progress(todo, console) as (on_start, on_result, progress):
@@ -66,11 +73,21 @@ def sweep(
     spec: Annotated[Path, typer.Argument(help="The sweep spec (TOML): a [grid] of run-spec fields.")],
     store: Annotated[str, typer.Option(help="SQLite results store; made if missing.")] = "results.sqlite",
     executor: Annotated[str, typer.Option(help="local (in process) or ray.")] = "local",
-    workers: Annotated[int, typer.Option(help="Runs at once: worker processes, or Ray CPUs.")] = 1,
+    workers: Annotated[
+        int, typer.Option(help="Runs at once: worker processes, or the share of the Ray cluster's CPUs.")
+    ] = 1,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch threads (and Ray CPUs) per run; default cores // workers, at least 1."),
+    ] = None,
     address: Annotated[
         str | None, typer.Option(help="An existing Ray cluster (host:port, ray://host:port or auto).")
     ] = None,
     device: Device = None,
+    gpus_per_run: Annotated[
+        float | None,
+        typer.Option(help="GPUs each cuda run asks Ray for (default 1; a fraction shares a GPU)."),
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Overrides every run's seed (the grid's seed axis).")
     ] = None,
@@ -82,7 +99,7 @@ def sweep(
     overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
     plan = load_plan(spec, overrides)
     console = console_for(json_out)
-    summary, _ = _run(plan.jobs, store, executor, workers, address, console)
+    summary, _ = _run(plan.jobs, store, executor, workers, address, console, threads, gpus_per_run)
     _show_summary(summary, store, console)
     if json_out is not None:
         write_json(summary.to_json(), json_out)

@@ -2,7 +2,8 @@
 into a stored row and never raises for a failing run (the failure is the row). An attack's refusal
 (`gradleak.errors.Refusal`) becomes a `refused` row, any other exception a `failed` one; the status
 is decided here, in the worker, so it crosses process boundaries (spawned workers, Ray) inside the
-row and never depends on an exception surviving pickling."""
+row and never depends on an exception surviving pickling. The run gets the torch threads of the
+executor's budget (`gradleak.sweeps.resources`), and its record's environment says how many."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from gradleak.errors import GradleakError, Refusal
 from gradleak.store import StoredRun, canonical, gradleak_version, run_key
+from gradleak.sweeps.resources import ThreadBudget, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +94,20 @@ def one_line(exc: BaseException) -> str:
     return text if isinstance(exc, GradleakError) else f"{type(exc).__name__}: {text}"
 
 
-def execute(job: Job, progress: Progress | None = None) -> StoredRun:
-    """Run a job. A refusal comes back as a `refused` row, any other failing run as a `failed` row
-    with its error, never as an exception (KeyboardInterrupt and other non-`Exception`s still
-    propagate)."""
+def execute(job: Job, progress: Progress | None = None, budget: ThreadBudget | None = None) -> StoredRun:
+    """Run a job with the budget's torch threads (none: this process's setting). A refusal comes back
+    as a `refused` row, any other failing run as a `failed` row with its error, never as an exception
+    (KeyboardInterrupt and other non-`Exception`s still propagate)."""
     started = time.time()
     record: dict[str, Any] | None = None
     error: str | None = None
     refused = False
     try:
         _, run = get_kind(job.kind).load()
-        record = run(job.spec, progress).to_json()
+        with torch_threads(budget) as threads:
+            record = run(job.spec, progress).to_json()
+        used = budget or ThreadBudget(threads, "this process's setting")
+        record.setdefault("environment", {}).update(used.environment(threads))
     except Refusal as exc:  # the attack declined the scenario: a result, said as is
         error, refused = one_line(exc), True
         log.info("run %s refused: %s", job.label(), error)

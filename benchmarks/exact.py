@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 
 import torch
-from _results import machine, run_cell, summarise, table, write_section
+from _results import machine, summarise, table, write_section
 
 from gradleak.errors import GradleakError
-from gradleak.experiment import RunSpec
+from gradleak.experiment import RunSpec, run_one
 
 PUBLISHED = """DAGER (Petrov et al., NeurIPS 2024), published ROUGE-1: GPT-2 100 up to B=64 on CoLA;
 BERT-base CoLA B=4 94.0, B=8 67.8; BERT-base RT B=4 66.8, B=8 37.1. DAGER's own code on a 2-core
@@ -77,14 +78,22 @@ def main() -> None:
                     finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
                 )  # fmt: skip
                 head = [victim, task, *([peft or "full"] if with_peft else []), data, b]
-                try:
-                    s = summarise(run_cell(spec, n))
-                except GradleakError as exc:  # a refusal (too many tokens) is a result too
-                    rows.append([*head, n, "-", "-", "-", f"refused: {str(exc)[:110]}"])
+                records, refusals = [], []
+                for seed in range(n):  # a batch the attack refuses is a result too: counted, not averaged
+                    try:
+                        records.append(run_one(replace(spec, seed=seed)))
+                    except GradleakError as exc:
+                        refusals.append(str(exc))
+                if not records:
+                    rows.append([*head, n, "-", "-", "-", f"refused: {refusals[0][:110]}"])
                     print(rows[-1], flush=True)
                     write_section(args.section, _body(args, rows, done=False))
                     continue
-                rows.append([*head, s["batches"], s["rouge1"], s["rouge2"], s["exact_match"], s["seconds"]])
+                s = summarise(records)
+                seconds = (
+                    s["seconds"] if not refusals else f"{s['seconds']:.1f} ({len(refusals)} of {n} refused)"
+                )
+                rows.append([*head, s["batches"], s["rouge1"], s["rouge2"], s["exact_match"], seconds])
                 print(
                     " | ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in rows[-1]), flush=True
                 )

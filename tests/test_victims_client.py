@@ -257,6 +257,34 @@ def test_fedavg_several_steps_differs_and_restores(gpt2_tiny, make_victim_batch)
     assert not torch.allclose(three.tensors[k], 3 * one.tensors[k], rtol=1e-6, atol=1e-12)
 
 
+def test_fedavg_mini_batches_step_through_the_batch_in_order(gpt2_tiny, make_victim_batch):
+    """local_batch=2 on B=4: step 1 takes sequences 0-1, step 2 sequences 2-3 (DAGER's FedAvg epoch)."""
+    from gradleak.client import batch_gradient
+
+    batch = make_victim_batch(gpt2_tiny, "sst2", 4, 0)
+    lr = 0.5
+    update = fedavg(gpt2_tiny, batch, local_steps=2, learning_rate=lr, local_batch=2)
+    params = dict(gpt2_tiny.model.named_parameters())
+    start = {k: p.detach().clone() for k, p in params.items()}
+    try:  # the same two steps by hand
+        for part in (batch.rows(0, 2), batch.rows(2, 4)):
+            grads = batch_gradient(gpt2_tiny, part)
+            with torch.no_grad():
+                for k, g in grads.items():
+                    params[k].sub_(lr * g)
+        by_hand = {k: params[k].detach() - start[k] for k in params}
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(start[k])
+    for k, delta in update.tensors.items():
+        assert torch.allclose(delta, by_hand[k], rtol=1e-5, atol=1e-7), k
+    whole = fedavg(gpt2_tiny, batch, local_steps=2, learning_rate=lr)
+    assert not torch.allclose(whole.tensors["score.weight"], update.tensors["score.weight"])
+    with pytest.raises(GradleakError, match="mini-batch size"):
+        fedavg(gpt2_tiny, batch, local_steps=1, learning_rate=lr, local_batch=0)
+
+
 def test_fedavg_bad_arguments(bert_tiny, make_victim_batch):
     batch = make_victim_batch(bert_tiny, "sst2", 1, 0)
     with pytest.raises(GradleakError):

@@ -232,19 +232,26 @@ def fedavg(
     learning_rate: float,
     withhold: Sequence[str] = (),
     share: Sequence[str] = (),
+    local_batch: int | None = None,
 ) -> Update:
-    """FedAvg: the weight delta after `local_steps` full-batch SGD steps (the model is restored); only
-    `share` (everything when empty), minus withheld parameter groups."""
+    """FedAvg: the weight delta after `local_steps` SGD steps (the model is restored); only `share`
+    (everything when empty), minus withheld parameter groups. Each step takes the whole batch, or with
+    `local_batch` the next mini-batch of that many sequences in order (as DAGER's FedAvg: an epoch is
+    ceil(B / local_batch) steps)."""
     if local_steps < 1:
         raise GradleakError(f"local steps must be at least 1, got {local_steps}")
     if learning_rate <= 0:
         raise GradleakError(f"learning rate must be positive, got {learning_rate}")
+    if local_batch is not None and local_batch < 1:
+        raise GradleakError(f"local mini-batch size must be at least 1, got {local_batch}")
+    size = batch.size if local_batch is None else min(local_batch, batch.size)
+    parts = [batch.rows(i, i + size) for i in range(0, batch.size, size)]
     withheld = withheld_names(victim.model, share=share, withhold=withhold)
     params = dict(victim.model.named_parameters())
     start = {k: p.detach().clone() for k, p in params.items()}
     try:
-        for _ in range(local_steps):
-            grads = batch_gradient(victim, batch)
+        for step in range(local_steps):
+            grads = batch_gradient(victim, parts[step % len(parts)])
             with torch.no_grad():
                 for k, g in grads.items():
                     params[k].sub_(learning_rate * g)

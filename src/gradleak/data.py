@@ -48,6 +48,17 @@ class Batch:
     def lengths(self) -> tuple[int, ...]:
         return tuple(len(t) for t in self.token_ids)
 
+    def rows(self, start: int, stop: int) -> Batch:
+        """The sequences start..stop-1 (a client's local mini-batch)."""
+        labels = None if self.labels is None else self.labels[start:stop]
+        return Batch(
+            self.input_ids[start:stop],
+            self.attention_mask[start:stop],
+            labels,
+            self.texts[start:stop],
+            self.token_ids[start:stop],
+        )
+
     def to(self, device: str | torch.device) -> Batch:
         labels = None if self.labels is None else self.labels.to(device)
         return Batch(

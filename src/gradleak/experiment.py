@@ -22,7 +22,7 @@ from gradleak.finetune import finetune
 from gradleak.knowledge import Knows
 from gradleak.metrics import Scores, score
 from gradleak.privacy import PrivacyReport
-from gradleak.spec import AttackSpec
+from gradleak.spec import KEYED_WHEN_SET, AttackSpec
 from gradleak.victims import load_victim
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class RunSpec(AttackSpec):
     finetune_steps: int = 0  # SGD steps on other examples of the data set before the attacked round
     finetune_lr: float = 1e-3
     min_tokens: int = 0  # only examples of at least this many tokens under the victim's tokenizer
+    # FedAvg's local mini-batch size (None: every local step takes the whole batch)
+    local_batch: int | None = field(default=None, metadata={KEYED_WHEN_SET: True})
 
     def validate(self) -> None:
         self.validate_attack()
@@ -52,6 +54,10 @@ class RunSpec(AttackSpec):
             raise GradleakError("max words is smaller than min words")
         if self.min_tokens < 0:
             raise GradleakError(f"min tokens must be at least 0, got {self.min_tokens}")
+        if self.local_batch is not None and self.local_batch < 1:
+            raise GradleakError(f"local mini-batch size must be at least 1, got {self.local_batch}")
+        if self.local_batch is not None and self.protocol != "fedavg":
+            raise GradleakError("--local-batch sets FedAvg's mini-batches: use --protocol fedavg")
         if self.finetune_steps < 0:
             raise GradleakError(f"fine-tuning steps must be at least 0, got {self.finetune_steps}")
         if self.finetune_lr <= 0:
@@ -145,6 +151,7 @@ def make_update(spec: RunSpec, victim, batch) -> Update:
             learning_rate=spec.local_lr,
             withhold=spec.withhold,
             share=spec.share,
+            local_batch=spec.local_batch,
         )
     return fedsgd(victim, batch, withhold=spec.withhold, share=spec.share)
 

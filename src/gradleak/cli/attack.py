@@ -44,6 +44,10 @@ def attack(
     protocol: Annotated[str, typer.Option(help="fedsgd (one gradient) or fedavg (weight delta).")] = "fedsgd",
     local_steps: Annotated[int, typer.Option(help="FedAvg local SGD steps.")] = 1,
     local_lr: Annotated[float, typer.Option(help="FedAvg local learning rate.")] = 0.01,
+    local_batch: Annotated[
+        int | None,
+        typer.Option(help="FedAvg local mini-batch size: each local step takes the next this many."),
+    ] = None,
     attack_lr: Annotated[float, typer.Option(help="Learning rate of gradient-matching attacks.")] = 0.01,
     optimizer: Annotated[str, typer.Option(help="adam or lbfgs.")] = "adam",
     knows: KnowsOption = DEFAULT_KNOWS,
@@ -115,6 +119,7 @@ def attack(
         protocol=protocol,
         local_steps=local_steps,
         local_lr=local_lr,
+        local_batch=local_batch,
         attack_lr=attack_lr,
         optimizer=optimizer,
         force=force,

@@ -188,12 +188,13 @@ def shared_arrays(model: nn.Module) -> dict[str, Any]:
     }
     config = getattr(model, "peft_config", {}).get("default")
     if config is not None:
-        modules = sorted(config.target_modules or ())
+        # the adapted maps, from the factors' names (peft may shorten its own list of targets)
+        modules = {n.split(".lora_A.")[0] for n in shapes if ".lora_A." in n}
         out["peft"] = {
             "method": "lora",
             "r": int(config.r),
             "alpha": float(config.lora_alpha),
-            "targets": sorted({str(m).rsplit(".", 1)[-1] for m in modules}),
+            "targets": sorted({m.rsplit(".", 1)[-1] for m in modules}),
             "modules": len(modules),
             "adapter_tensors": sum(1 for n in shapes if is_adapter(n)),
             "shapes": shapes,

@@ -161,6 +161,11 @@ def test_arrays_of_another_model_are_refused(lora_victim):
         set_parameters(lora_victim, other)
 
 
+def test_audit_refuses_a_victim_without_the_clients_adapters(gpt2_tiny):
+    with pytest.raises(GradleakError, match="carries no adapters"):
+        LeakageAudit(FedAvg(), victim=gpt2_tiny, local_lr=0.01, peft=LORA)
+
+
 def test_server_view_names_the_adapters():
     view = _spec(peft="lora:r=8,targets=c_attn").server_view()
     assert "adapter weights (LoRA r=8, alpha=16, targets c_attn; the frozen base is never sent)" in view

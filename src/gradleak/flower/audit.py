@@ -147,8 +147,9 @@ class LeakageAudit(Strategy):
 
     `victim`: the model the clients train (a `Victim`, or a preset name loaded with `seed` and `peft`);
     its trainable weights (under PEFT the adapters) are set to each round's global weights before an
-    attack. `local_lr` and `local_steps` are the
-    protocol the server configures (they are sent to the clients in every training round's config).
+    attack. `peft`: the clients' LoRA configuration (a `Victim` given must carry adapters then).
+    `local_lr` and `local_steps` are the protocol the server configures (they are sent to the clients
+    in every training round's config).
     `batch_size`: the batch size the server knows, or None. `perturbed`: the protocol perturbs updates
     (noise-aware exact attack). `server_mechanisms`: noise mechanisms applied to every client update
     before the server sees it (e.g. `LocalDpMod`). `store`: a path to a results store (opened for each
@@ -182,6 +183,8 @@ class LeakageAudit(Strategy):
         self.strategy = strategy
         self.victim = victim if isinstance(victim, Victim) else load_victim(victim, seed=seed, peft=peft)
         self.shared = shared_arrays(self.victim.model)
+        if peft and "peft" not in self.shared:
+            raise GradleakError(f"peft {peft!r} given, but victim {self.victim.name} carries no adapters")
         self.attack = get_attack(attack)
         self.options = options or AttackOptions(seed=seed)
         self.local_lr = float(local_lr)

@@ -102,7 +102,6 @@ def test_dp_sgd_under_peft_trains_only_the_adapters_with_a_finite_epsilon(monkey
     shapes = adapter_summary(fresh.model)
     assert record.parameters == sum(math.prod(s) for s in shapes.values())
     assert record.trained["peft"]["r"] == 4 and record.trained["peft"]["targets"] == ["c_attn"]
-    assert record.trained["peft"]["modules"] == 2  # c_attn in each of the 2 blocks
     assert record.trained["peft"]["shapes"] == shapes and record.trained["tensors"] == len(shapes) == 5
     moved = []
     pairs = zip(trained.model.named_parameters(), fresh.model.named_parameters(), strict=True)

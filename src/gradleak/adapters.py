@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -175,31 +173,6 @@ def apply_lora(model: nn.Module, spec: LoraSpec, *, task: str, num_labels: int, 
 def adapter_summary(model: nn.Module) -> dict[str, list[int]]:
     """Name -> shape of every tensor a PEFT client shares (its trainable parameters)."""
     return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def shared_arrays(model: nn.Module) -> dict[str, Any]:
-    """What a client's update holds, read from the model (its trainable parameters): their count and
-    size; on a PEFT model also the LoRA configuration (rank, alpha, the targeted maps by last name and
-    count) and every shared tensor's name and shape (`adapter_summary`)."""
-    shapes = adapter_summary(model)
-    out: dict[str, Any] = {
-        "tensors": len(shapes),
-        "parameters": sum(math.prod(s) for s in shapes.values()),
-    }
-    config = getattr(model, "peft_config", {}).get("default")
-    if config is not None:
-        # the adapted maps, from the factors' names (peft may shorten its own list of targets)
-        modules = {n.split(".lora_A.")[0] for n in shapes if ".lora_A." in n}
-        out["peft"] = {
-            "method": "lora",
-            "r": int(config.r),
-            "alpha": float(config.lora_alpha),
-            "targets": sorted({m.rsplit(".", 1)[-1] for m in modules}),
-            "modules": len(modules),
-            "adapter_tensors": sum(1 for n in shapes if is_adapter(n)),
-            "shapes": shapes,
-        }
-    return out
 
 
 def is_adapter(name: str) -> bool:

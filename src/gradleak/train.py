@@ -58,7 +58,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradleak.adapters import shared_arrays
+from gradleak.adapters import shared_summary
 from gradleak.bounds import PerturbedSgdBound, RunningVariance, power_iteration, running_mean
 from gradleak.client import WITHHOLD_GROUPS, Update
 from gradleak.data import Batch, Example, make_batch
@@ -185,7 +185,7 @@ class TrainRecord:
     environment: dict[str, str] = field(default_factory=dict)
     sampling: str = FIXED_SIZE  # POISSON or FIXED_SIZE: how each step's minibatch was drawn
     batch_sizes: list[int] = field(default_factory=list)  # examples drawn at each step
-    trained: dict[str, Any] = field(default_factory=dict)  # what trained (`adapters.shared_arrays`)
+    trained: dict[str, Any] = field(default_factory=dict)  # what trained (`adapters.shared_summary`)
 
     @property
     def accounting(self) -> str:
@@ -485,7 +485,7 @@ def train(spec: TrainSpec, progress: Progress | None = None) -> TrainRecord:
     eval_batches = [batch_of(held[i : i + 64]) for i in range(0, len(held), 64)]
     params = _trainable(victim)
     dimension = sum(p.numel() for p in params.values())
-    trained = shared_arrays(victim.model)
+    trained = shared_summary(victim.model, {n: p.detach() for n, p in params.items()}, spec.peft)
     sampler = random.Random(spec.seed)
     noise = torch.Generator(device=victim.device).manual_seed(spec.seed)
     probe_batches: list[Batch] = []

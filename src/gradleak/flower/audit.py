@@ -45,7 +45,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from gradleak.adapters import shared_arrays
+from gradleak.adapters import is_adapter, shared_summary
 from gradleak.attacks import AttackOptions, Knowledge, Reconstruction, get_attack
 from gradleak.client import Update
 from gradleak.errors import GradleakError, Refusal
@@ -182,9 +182,10 @@ class LeakageAudit(Strategy):
             raise GradleakError(f"need lr > 0 and local steps >= 1, got {local_lr} and {local_steps}")
         self.strategy = strategy
         self.victim = victim if isinstance(victim, Victim) else load_victim(victim, seed=seed, peft=peft)
-        self.shared = shared_arrays(self.victim.model)
-        if peft and "peft" not in self.shared:
+        trainable = {n: p.detach() for n, p in self.victim.model.named_parameters() if p.requires_grad}
+        if peft and not any(is_adapter(n) for n in trainable):
             raise GradleakError(f"peft {peft!r} given, but victim {self.victim.name} carries no adapters")
+        self.shared = shared_summary(self.victim.model, trainable, peft)  # what every update holds
         self.attack = get_attack(attack)
         self.options = options or AttackOptions(seed=seed)
         self.local_lr = float(local_lr)

@@ -35,7 +35,7 @@ class FlResult:
     store: str | None = None
     errors: tuple[str, ...] = ()
     flwr_version: str = field(default="")
-    shared: dict[str, Any] = field(default_factory=dict)  # what every update holds (audit.shared_arrays)
+    shared: dict[str, Any] = field(default_factory=dict)  # what every update holds (adapters.shared_summary)
 
     def rounds(self) -> list[tuple[int, list[Any]]]:
         by: dict[int, list[Any]] = {}

@@ -237,7 +237,8 @@ def fedavg(
     """FedAvg: the weight delta after `local_steps` SGD steps (the model is restored); only `share`
     (everything when empty), minus withheld parameter groups. Each step takes the whole batch, or with
     `local_batch` the next mini-batch of that many sequences in order (as DAGER's FedAvg: an epoch is
-    ceil(B / local_batch) steps)."""
+    ceil(B / local_batch) steps). Only trainable parameters move and have a delta (as `batch_gradient`
+    has their gradients only): a frozen one (the base under `--peft`) is neither sent nor copied."""
     if local_steps < 1:
         raise GradleakError(f"local steps must be at least 1, got {local_steps}")
     if learning_rate <= 0:
@@ -247,7 +248,7 @@ def fedavg(
     size = batch.size if local_batch is None else min(local_batch, batch.size)
     parts = [batch.rows(i, i + size) for i in range(0, batch.size, size)]
     withheld = withheld_names(victim.model, share=share, withhold=withhold)
-    params = dict(victim.model.named_parameters())
+    params = {k: p for k, p in victim.model.named_parameters() if p.requires_grad}
     start = {k: p.detach().clone() for k, p in params.items()}
     try:
         for step in range(local_steps):

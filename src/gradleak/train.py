@@ -33,6 +33,12 @@ Choices:
   step, so it is accounted at q = 1 (client-level DP) and the minibatches stay B distinct examples
   drawn without replacement; so do they without a DP mechanism. The record says which
   (`privacy.sampling`, `privacy.accounting`). Epsilon after t steps composes t steps.
+- **PEFT.** Under `--peft lora:...` the base is frozen and only the LoRA adapters (and a classifier's
+  fresh head) train: the gradient, DP-SGD's per-example clipping and its noise cover those tensors
+  only (DP-LoRA, the usual way to fine-tune under DP), the frozen weights stay bit-identical, and the
+  accounting is unchanged (it depends on the clip, the noise multiplier, q and T, not on what is
+  trained). The record says what was trained (`trained`: tensors and parameters; with PEFT the rank
+  and every adapter's shape). `--train-only` does not combine with `--peft`.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gradleak.adapters import shared_summary
 from gradleak.bounds import PerturbedSgdBound, RunningVariance, power_iteration, running_mean
 from gradleak.client import WITHHOLD_GROUPS, Update
 from gradleak.data import Batch, Example, make_batch
@@ -115,6 +122,11 @@ class TrainSpec(VictimSpec):
             raise GradleakError(f"probe batches must be at least 2, got {self.probe_batches}")
         if self.power_iterations < 1:
             raise GradleakError(f"power iterations must be at least 1, got {self.power_iterations}")
+        if self.peft and self.train_only:
+            raise GradleakError(
+                "--train-only does not apply with --peft: LoRA trains the adapters (and a classifier's head) "
+                "on a frozen base"
+            )
 
     def defense_chain(self) -> DefenseChain:
         chain = DefenseChain.parse(self.defenses)
@@ -173,6 +185,7 @@ class TrainRecord:
     environment: dict[str, str] = field(default_factory=dict)
     sampling: str = FIXED_SIZE  # POISSON or FIXED_SIZE: how each step's minibatch was drawn
     batch_sizes: list[int] = field(default_factory=list)  # examples drawn at each step
+    trained: dict[str, Any] = field(default_factory=dict)  # what trained (`adapters.shared_summary`)
 
     @property
     def accounting(self) -> str:
@@ -216,6 +229,7 @@ class TrainRecord:
             "train_size": self.train_size,
             "eval_size": self.eval_size,
             "parameters": self.parameters,
+            "trained": self.trained,
             "seconds": self.seconds,
             "spec": asdict(self.spec),
             "environment": self.environment,
@@ -471,6 +485,7 @@ def train(spec: TrainSpec, progress: Progress | None = None) -> TrainRecord:
     eval_batches = [batch_of(held[i : i + 64]) for i in range(0, len(held), 64)]
     params = _trainable(victim)
     dimension = sum(p.numel() for p in params.values())
+    trained = shared_summary(victim.model, {n: p.detach() for n, p in params.items()}, spec.peft)
     sampler = random.Random(spec.seed)
     noise = torch.Generator(device=victim.device).manual_seed(spec.seed)
     probe_batches: list[Batch] = []
@@ -578,6 +593,7 @@ def train(spec: TrainSpec, progress: Progress | None = None) -> TrainRecord:
         environment=_environment(spec.device),
         sampling=sampling,
         batch_sizes=batch_sizes,
+        trained=trained,
     )
 
 

@@ -27,6 +27,14 @@ def fl(
     ] = "sst2",
     text_column: TextColumnOption = None,
     label_column: LabelColumnOption = None,
+    peft: Annotated[
+        str | None,
+        typer.Option(
+            help="Clients train LoRA adapters on the frozen victim and send only them (and a classifier's "
+            "head); the server audits the adapter updates: lora:r=INT[,alpha=A]"
+            "[,targets=NAME+NAME|attention|mlp|all-linear][,dropout=P][,bias=none|all|lora_only]."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Sentences each client trains on per round.")] = 1,
     local_steps: Annotated[int, typer.Option(help="Local SGD steps K per round (FedAvg).")] = 1,
     local_lr: Annotated[float, typer.Option(help="Local SGD learning rate (known to the server).")] = 0.01,
@@ -96,6 +104,7 @@ def fl(
         data=data,
         text_column=text_column,
         label_column=label_column,
+        peft=peft,
         clients=clients,
         rounds=rounds,
         batch_size=batch_size,
@@ -199,6 +208,15 @@ def show(result, out: Console) -> None:
             )
             out.print(f"  server read: {got}", markup=False, highlight=False)
     out.print(f"The server sees {spec.server_view()}.", markup=False, highlight=False, soft_wrap=True)
+    lora = result.shared.get("peft")
+    if lora:
+        out.print(
+            f"Each update holds {result.shared['tensors']} arrays ({lora['adapter_tensors']} LoRA factors of "
+            f"rank {lora['r']} on {'+'.join(lora['targets'])}), {result.shared['parameters']} parameters.",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     eps_note = (
         f"epsilon: each client's releases to the server composed over its rounds ({spec.accountant}, "
         f"delta {spec.delta:g}); inf where the server reads an update without noise"

@@ -21,6 +21,14 @@ def train(
     lr: Annotated[float, typer.Option(help="SGD step size (plain SGD, no momentum).")] = 0.1,
     text_column: TextColumnOption = None,
     label_column: LabelColumnOption = None,
+    peft: Annotated[
+        str | None,
+        typer.Option(
+            help="Train only LoRA adapters (and a classifier's head) on the frozen victim; dp-sgd then "
+            "clips and noises those only: lora:r=INT[,alpha=A][,targets=NAME+NAME|attention|mlp|all-linear]"
+            "[,dropout=P][,bias=none|all|lora_only]."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Sentences per minibatch B.")] = 16,
     defense: Annotated[
         list[str] | None,
@@ -67,6 +75,7 @@ def train(
         data=data,
         text_column=text_column,
         label_column=label_column,
+        peft=peft,
         steps=steps,
         lr=lr,
         batch_size=batch_size,
@@ -114,9 +123,11 @@ def _show_training(record) -> None:
         table.add_row(str(e.step), f"{e.accuracy:.3f}", f"{e.loss:.4f}", eps)
     out.print(table)
     level = f" ({record.privacy_unit}-level)" if record.epsilon is not None else ""
+    lora = record.trained.get("peft")
+    how = f" (LoRA r={lora['r']} on {'+'.join(lora['targets'])}, base frozen)" if lora else ""
     out.print(
         f"{record.train_size} training / {record.eval_size} held-out sentences, {record.parameters} trained "
-        f"parameters, {record.seconds:.1f} s; {record.privacy.describe()}{level}"
+        f"parameters{how}, {record.seconds:.1f} s; {record.privacy.describe()}{level}"
     )
     if record.bound is not None:
         b = record.bound

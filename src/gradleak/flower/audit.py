@@ -8,6 +8,12 @@ clips or noises anything), forms the weight delta, turns it into the pseudo-grad
 against the client's batch, and writes one record per (round, client) to the results store. The
 wrapped strategy (FedAvg, a DP wrapper around it, or any other) then aggregates the replies unchanged.
 
+Under PEFT (`peft="lora:r=8,..."`, the clients' `--peft`) the arrays exchanged are the trainable
+tensors only: the LoRA factors (and a classifier's head), in the model's order; the frozen base never
+travels. The audit's own victim carries the same adapters, so names and shapes match, and the
+pseudo-gradient and the attack cover the adapter tensors only. Every record says what was shared
+(`shared`: tensor names and shapes, and the LoRA rank, alpha and targets).
+
 Scoring needs the truth, which a real server lacks: gradleak's client app adds its batch to the reply
 in a ConfigRecord `gradleak-ground-truth`, which this wrapper removes from the reply first. The attack
 sees only the update, the model, whether the protocol perturbs updates, and what the spec's threat
@@ -39,6 +45,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from gradleak.adapters import is_adapter, shared_summary
 from gradleak.attacks import AttackOptions, Knowledge, Reconstruction, get_attack
 from gradleak.client import Update
 from gradleak.errors import GradleakError, Refusal
@@ -138,9 +145,11 @@ class _Sink:
 class LeakageAudit(Strategy):
     """Wrap a Flower strategy; attack every client's update as the server receives it.
 
-    `victim`: the model the clients train (a `Victim`, or a preset name loaded with `seed`); its weights
-    are set to each round's global weights before an attack. `local_lr` and `local_steps` are the
-    protocol the server configures (they are sent to the clients in every training round's config).
+    `victim`: the model the clients train (a `Victim`, or a preset name loaded with `seed` and `peft`);
+    its trainable weights (under PEFT the adapters) are set to each round's global weights before an
+    attack. `peft`: the clients' LoRA configuration (a `Victim` given must carry adapters then).
+    `local_lr` and `local_steps` are the protocol the server configures (they are sent to the clients
+    in every training round's config).
     `batch_size`: the batch size the server knows, or None. `perturbed`: the protocol perturbs updates
     (noise-aware exact attack). `server_mechanisms`: noise mechanisms applied to every client update
     before the server sees it (e.g. `LocalDpMod`). `store`: a path to a results store (opened for each
@@ -164,6 +173,7 @@ class LeakageAudit(Strategy):
         delta: float = 1e-5,
         accountant: str = "rdp",
         seed: int = 0,
+        peft: str | None = None,
         spec: Mapping[str, Any] | None = None,
         on_leak: Callable[[ClientLeak], None] | None = None,
     ) -> None:
@@ -171,7 +181,11 @@ class LeakageAudit(Strategy):
         if local_lr <= 0 or local_steps < 1:
             raise GradleakError(f"need lr > 0 and local steps >= 1, got {local_lr} and {local_steps}")
         self.strategy = strategy
-        self.victim = victim if isinstance(victim, Victim) else load_victim(victim, seed=seed)
+        self.victim = victim if isinstance(victim, Victim) else load_victim(victim, seed=seed, peft=peft)
+        trainable = {n: p.detach() for n, p in self.victim.model.named_parameters() if p.requires_grad}
+        if peft and not any(is_adapter(n) for n in trainable):
+            raise GradleakError(f"peft {peft!r} given, but victim {self.victim.name} carries no adapters")
+        self.shared = shared_summary(self.victim.model, trainable, peft)  # what every update holds
         self.attack = get_attack(attack)
         self.options = options or AttackOptions(seed=seed)
         self.local_lr = float(local_lr)
@@ -191,6 +205,7 @@ class LeakageAudit(Strategy):
                 "local_steps": self.local_steps,
                 "batch_size": batch_size,
                 "seed": seed,
+                **({"peft": peft} if peft else {}),
             }
         )
         # what the server is given besides the update: the spec's known_* (default: the batch size only)
@@ -213,7 +228,9 @@ class LeakageAudit(Strategy):
     # ------------------------------------------------------------------ Strategy
 
     def summary(self) -> None:
-        log.info("leakage audit: %s attack on %s", self.attack.name, self.victim.name)
+        lora = self.shared.get("peft")
+        on = f" (LoRA r={lora['r']}: {self.shared['tensors']} adapter arrays)" if lora else ""
+        log.info("leakage audit: %s attack on %s%s", self.attack.name, self.victim.name, on)
         self.strategy.summary()
 
     def configure_train(
@@ -246,7 +263,14 @@ class LeakageAudit(Strategy):
                 self.errors.append(f"round {server_round}, node {node}: no update the audit can read")
                 continue
             received = next(iter(reply.content.array_records.values())).to_torch_state_dict()
-            seen.append((node, sent[node].to_torch_state_dict(), received, truth, protocol))
+            global_state = sent[node].to_torch_state_dict()
+            if set(received) != set(global_state):
+                odd = sorted(set(received) ^ set(global_state))[0]
+                self.errors.append(
+                    f"round {server_round}, node {node}: the reply's arrays are not those sent ({odd})"
+                )
+                continue
+            seen.append((node, global_state, received, truth, protocol))
         aggregated = self.strategy.aggregate_train(server_round, replies)
         aggregate_epsilon = _aggregate_epsilon(self.strategy)
         for node, global_state, received, truth, protocol in seen:
@@ -403,6 +427,7 @@ class LeakageAudit(Strategy):
             "aggregate_epsilon": leak.aggregate_epsilon,
             "privacy": leak.privacy.to_json(),
             "knowledge": self.knows.to_json(),  # what the attack was given besides the update
+            "shared": self.shared,  # what the update held: every array's name and shape (LoRA: r)
             "spec": spec,
             "environment": env,
         }

@@ -12,6 +12,10 @@ gradleak defence chain if one is given, and replies with global + delta under th
 - `gradleak-protocol`: the noise mechanisms the gradleak defences applied (public protocol facts, for
   the epsilon).
 
+Under `--peft` the client's model is the LoRA-wrapped victim (base frozen, `load_victim(peft=...)`): the
+arrays it receives and returns are the trainable tensors only, the adapters (and a classifier's head),
+in the model's order, and dp-sgd clips and noises the per-example gradients of those tensors only.
+
 Flower's DP mods (`LocalDpMod`, `fixedclipping_mod`) wrap this function and act on the reply after it,
 as in any Flower app. Flower's noise comes from NumPy's global generator; the first mod seeds it per
 round and client so that simulations are reproducible.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
@@ -56,18 +61,29 @@ PARTITION_ID = "partition-id"  # flwr.common.constant.PARTITION_ID_KEY, set by t
 
 
 def parameters(victim: Victim) -> dict[str, torch.Tensor]:
-    """The victim's trainable parameters by name (CPU copies), the arrays Flower exchanges."""
+    """The victim's trainable parameters by name, in the model's order (CPU copies): the arrays Flower
+    exchanges. Under `--peft` these are the LoRA factors (and a classifier's head) only; the frozen
+    base never travels."""
     return {n: p.detach().cpu().clone() for n, p in victim.model.named_parameters() if p.requires_grad}
 
 
-def set_parameters(victim: Victim, state: dict[str, torch.Tensor]) -> None:
+def set_parameters(victim: Victim, state: Mapping[str, torch.Tensor]) -> None:
+    """Load the global arrays: exactly the victim's trainable parameters (a frozen or unknown name, or
+    a missing trainable one, means the two sides built different models)."""
     params = dict(victim.model.named_parameters())
     missing = [k for k in params if params[k].requires_grad and k not in state]
-    unknown = [k for k in state if k not in params]
+    unknown = [k for k in state if k not in params or not params[k].requires_grad]
     if missing or unknown:
         raise GradleakError(
             f"the global weights do not fit victim {victim.name}: "
-            f"{'missing ' + missing[0] if missing else 'unknown ' + unknown[0]}"
+            f"{'missing ' + missing[0] if missing else 'unexpected ' + unknown[0]}"
+        )
+    shape = [k for k, v in state.items() if tuple(v.shape) != tuple(params[k].shape)]
+    if shape:
+        k = shape[0]
+        raise GradleakError(
+            f"the global weights do not fit victim {victim.name}: {k} has shape "
+            f"{list(state[k].shape)}, the model {list(params[k].shape)}"
         )
     with torch.no_grad():
         for k, v in state.items():
@@ -78,8 +94,8 @@ def set_parameters(victim: Victim, state: dict[str, torch.Tensor]) -> None:
 
 
 @cache
-def _victim(name: str, task: str, dtype: str, seed: int, device: str) -> Victim:
-    return load_victim(name, task=task, dtype=dtype, seed=seed, device=device)
+def _victim(name: str, task: str, dtype: str, seed: int, device: str, peft: str | None) -> Victim:
+    return load_victim(name, task=task, dtype=dtype, seed=seed, device=device, peft=peft)
 
 
 @cache
@@ -125,7 +141,7 @@ def train(spec: FlSpec, msg: Message, context: Context) -> Message:
     lr = float(config.get(KEY_LOCAL_LR, spec.local_lr))
     steps = int(config.get(KEY_LOCAL_STEPS, spec.local_steps))
 
-    victim = _victim(spec.victim, spec.task, spec.dtype, spec.seed, spec.device)
+    victim = _victim(spec.victim, spec.task, spec.dtype, spec.seed, spec.device, spec.peft)
     state = arrays.to_torch_state_dict()
     set_parameters(victim, state)
     batch = client_batch(spec, victim, client, server_round)

@@ -6,6 +6,9 @@ strategy is FedAvg (every client trains every round; no federated evaluation), w
 accountant (client-level, add-or-remove-one, no amplification). The clients are gradleak's
 `ClientApp` (`gradleak.flower.client`). Flower's Simulation Runtime (`flwr.simulation.run_simulation`,
 on Ray) runs them: one CPU per client, at most as many clients at once as the machine has CPUs.
+
+Under `--peft` the server's initial arrays, the clients' messages and the aggregate hold the LoRA
+adapters (and a classifier's head) only; the frozen base never travels.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class FlResult:
     store: str | None = None
     errors: tuple[str, ...] = ()
     flwr_version: str = field(default="")
+    shared: dict[str, Any] = field(default_factory=dict)  # what every update holds (adapters.shared_summary)
 
     def rounds(self) -> list[tuple[int, list[Any]]]:
         by: dict[int, list[Any]] = {}
@@ -62,6 +66,7 @@ class FlResult:
                 for r, leaks in self.rounds()
             ],
             "server_sees": self.spec.server_view(),
+            "shared": self.shared,
             "flower_dp": self.spec.flower_dp,
             "delta": self.spec.delta,
             "accountant": self.spec.accountant,
@@ -183,6 +188,7 @@ def run_fl(
         delta=spec.delta,
         accountant=spec.accountant,
         seed=spec.seed,
+        peft=spec.peft,
         spec=asdict(spec),
         on_leak=on_leak,
     )
@@ -209,4 +215,5 @@ def run_fl(
         store=store_path,
         errors=tuple(audit.errors),
         flwr_version=flower_version(),
+        shared=audit.shared,
     )

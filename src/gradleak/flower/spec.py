@@ -130,18 +130,24 @@ class FlSpec(AttackSpec):
         k = f"{self.local_steps} local SGD step{'s' if self.local_steps > 1 else ''} at lr {self.local_lr:g}"
         chain = self.defense_chain()
         through = f", through gradleak's {' -> '.join(chain.specs())}" if chain else ""
+        weights = "each client's weights"
+        if self.peft:
+            from gradleak.adapters import parse_peft
+
+            lora = parse_peft(self.peft).describe()
+            weights = f"each client's adapter weights ({lora}; the frozen base is never sent)"
         if self.flower_dp == "local":
             return (
-                f"each client's weights after {k}{through}, clipped to {self.dp_clip:g} and noised "
+                f"{weights} after {k}{through}, clipped to {self.dp_clip:g} and noised "
                 f"(std {self.local_dp_std():.4g}) by LocalDpMod on the client before sending"
             )
         if self.flower_dp == "central-client-clip":
             return (
-                f"each client's weights after {k}{through}, clipped to {self.dp_clip:g} by fixedclipping_mod "
+                f"{weights} after {k}{through}, clipped to {self.dp_clip:g} by fixedclipping_mod "
                 "but not noised: Flower adds the central noise to the aggregate after the server has read "
                 "every client's update"
             )
-        return f"each client's weights after {k}{through}"
+        return f"{weights} after {k}{through}"
 
 
 def _positive(name: str, value: float | None) -> None:

@@ -242,7 +242,8 @@ def _scene(victim: Victim, update: Update) -> _Scene:
     if first is not views[0]:
         notes.append(
             f"first-layer span from {first[0].name}: the input seen through the LoRA factor it reads "
-            f"(the A factors' gradient is zero while B = 0), at most {row_cap(victim, first)} dimensions"
+            "(the A factors' gradient is zero, as while B = 0, or shows no clean rank, as float32 weights "
+            f"blur A's small change after the first round), at most {row_cap(victim, first)} dimensions"
         )
     return _Scene(grads, first, causal, groups, victim.hidden_size, notes, cap=row_cap(victim, first))
 

@@ -184,19 +184,25 @@ def input_views(victim: Victim, block: int) -> list[tuple[Projection, ...]]:
 def pick_view(
     gradients: dict[str, torch.Tensor], views: list[tuple[Projection, ...]]
 ) -> tuple[Projection, ...]:
-    """The first view if its maps are all in the update with a non-zero gradient; else, of the views
-    that read it through a factor, the one whose gradient spans the most (a query sees nothing of a
-    sequence's first token, which attends to itself alone: a value sees every token). The first
-    present view where every gradient is zero, the first view where none is present: the caller refuses."""
+    """Of the views whose maps are all in the update with a non-zero gradient, those whose span shows a
+    clean rank (all of them where none does): the first view if it is one of them, else the factor view
+    whose gradient spans the most (a query sees nothing of a sequence's first token, which attends to
+    itself alone: a value sees every token). The first present view where every gradient is zero, the
+    first view where none is present: the caller refuses."""
     from gradleak.attacks.spans import span_of
 
     present = [v for v in views if all(p.name in gradients for p in v)]
     live = [v for v in present if any(bool(gradients[p.name].detach().abs().max() > 0) for p in v)]
-    if not live:
-        return (present or views)[0]
-    if live[0] is views[0] or len(live) == 1:
-        return live[0]
-    return max(live, key=lambda v: span_of(gradient_rows(gradients, v)).rank)
+    if len(live) < 2:
+        return (live or present or views)[0]
+    spans = [span_of(gradient_rows(gradients, v)) for v in live]
+    # a view with a clean rank first: float32 weights blur a small change of A (FedAvg rounds after the
+    # first) where B's, larger relative to its weights, still shows its rank
+    pairs = list(zip(live, spans, strict=True))
+    pool = [(v, s) for v, s in pairs if not s.full] or pairs
+    if pool[0][0] is views[0]:
+        return views[0]
+    return max(pool, key=lambda item: item[1].rank)[0]
 
 
 def row_cap(victim: Victim, projections: tuple[Projection, ...]) -> int:

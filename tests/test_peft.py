@@ -180,3 +180,9 @@ def test_smollm2_lora_r256_on_qkv_recovers_the_batch(capsys, monkeypatch, tmp_pa
     assert peft["r"] == 256 and peft["adapter_tensors"] == 180  # A and B of q, k, v in 30 blocks
     k_b = "base_model.model.model.layers.0.self_attn.k_proj.lora_B.default.weight"
     assert peft["shapes"][k_b] == [192, 256]  # grouped-query attention: k is narrower than q
+
+
+def test_lora_on_the_mlp_only_is_refused_with_the_reason():
+    """No adapter reads the token embeddings: nothing lets a candidate token be checked alone."""
+    with pytest.raises(Refusal, match="reads tokens in their context"):
+        _run(victim="gpt2-tiny", dtype="float64", batch_size=1, peft="lora:r=64,targets=mlp")

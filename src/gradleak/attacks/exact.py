@@ -63,6 +63,7 @@ from gradleak.attacks.structure import (
     position_free,
     row_cap,
     stop_module,
+    token_local,
     word_embedding_name,
 )
 from gradleak.attacks.tokens import decode
@@ -239,6 +240,12 @@ def _scene(victim: Victim, update: Update) -> _Scene:
         if shared and all(p.name in grads for p in second)
         else [mixing if shared else second]
     )
+    if not token_local(victim, first[0]):
+        raise Refusal(
+            f"the exact attack needs a gradient that reads each token on its own (the first attention's "
+            f"input projections, or LoRA factors on them); the first trained map, {first[0].name}, reads "
+            "tokens in their context (LoRA on the MLP only), so no candidate token can be checked alone"
+        )
     if first is not views[0]:
         notes.append(
             f"first-layer span from {first[0].name}: the input seen through the LoRA factor it reads "

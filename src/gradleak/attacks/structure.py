@@ -292,6 +292,16 @@ def is_causal(victim: Victim) -> bool:
     return bool(diff[:2].max() < 1e-3 * diff[2])  # rounding differs between rows; context does not
 
 
+def token_local(victim: Victim, proj: Projection) -> bool:
+    """Whether the projection reads each token on its own (the first attention's input: embeddings,
+    normed): changing an earlier token leaves the last position's input unchanged. An MLP's input
+    has the attention's context mixed in."""
+    vocab = victim.model.get_input_embeddings().weight.shape[0]
+    ids = torch.tensor([[1, 2, 3], [4, 2, 3]], device=victim.device) % vocab
+    x = capture_input(victim, proj, ids)[:, -1]
+    return bool((x[0] - x[1]).abs().max() <= 1e-6 * x[0].abs().max())
+
+
 def position_free(victim: Victim, proj: Projection) -> bool:
     """Whether the projection's input carries no position (rotary models: positions enter inside the
     attention, so the first layer reads each token alone); absolute position embeddings add to it."""

@@ -232,7 +232,8 @@ def test_share_groups_and_withhold_compose(bert_tiny, make_victim_batch):
 @pytest.mark.parametrize(
     ("share", "missing"),
     [
-        (("attention",), "transformer.h.0.mlp.c_fc.weight"),  # the context check's MLP input
+        # two blocks: the second is the last, whose attention gradient sums over tokens (pooled position)
+        (("attention",), "transformer.h.0.mlp.c_fc.weight"),
         (("embeddings", "head"), "transformer.h.0.attn.c_attn.weight"),
         (("last:1",), "transformer.h.0.attn.c_attn.weight"),
     ],
@@ -244,6 +245,21 @@ def test_exact_refuses_in_one_line_without_the_first_layer(share, missing):
     with pytest.raises(GradleakError) as exc:
         run_one(spec)
     assert missing in _one_line(exc) and "withheld" in str(exc.value)
+
+
+def test_exact_reads_the_next_block_when_only_the_attention_is_shared():
+    """Without the MLP's gradient the context check reads the second block's attention input (a model
+    of three blocks: the second is not the last)."""
+    spec = RunSpec(
+        victim="gpt2-random:layers=3,hidden=128,heads=2",
+        dtype="float64",
+        data="sst2",
+        batch_size=2,
+        attack="exact",
+        share=("attention",),
+    )
+    record = run_one(spec)
+    assert record.scores.exact_match == 100.0
 
 
 def test_exact_runs_on_what_the_blocks_share_without_embeddings():

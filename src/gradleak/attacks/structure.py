@@ -154,7 +154,10 @@ def context_views(victim: Victim, block: int) -> list[tuple[Projection, ...]]:
     groups = projection_groups(victim, block)
     wide = [g for g in groups[1:] if _in_features(victim, g[0]) == hidden and g[0].reads is None]
     views = [wide[-1], *chained(groups, wide[-1])] if wide else []
-    if block + 1 < len(layer_blocks(victim.model)):  # where the MLP is withheld or frozen
+    # where the MLP is withheld or frozen: the next block's input, unless that block is the last (a
+    # classifier's last attention passes on its pooled position only, so its gradient holds weighted sums
+    # per sequence and head, not each token's input)
+    if block + 2 < len(layer_blocks(victim.model)):
         views += input_views(victim, block + 1)
     if views:
         return views

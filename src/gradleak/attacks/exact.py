@@ -231,6 +231,12 @@ def _scene(victim: Victim, update: Update) -> _Scene:
     grads = update.gradients()
     views = input_views(victim, 0)
     first = pick_view(grads, views)
+    if not token_local(victim, first[0]):
+        raise Refusal(
+            f"the exact attack needs a gradient that reads each token on its own (the first attention's "
+            f"input projections, or LoRA factors on them); the first trained map, {first[0].name}, reads "
+            "tokens in their context (LoRA on the MLP only), so no candidate token can be checked alone"
+        )
     causal = is_causal(victim)
     second = pick_view(grads, context_views(victim, 0))
     mixing = mixing_projections(victim, 0)
@@ -240,12 +246,6 @@ def _scene(victim: Victim, update: Update) -> _Scene:
         if shared and all(p.name in grads for p in second)
         else [mixing if shared else second]
     )
-    if not token_local(victim, first[0]):
-        raise Refusal(
-            f"the exact attack needs a gradient that reads each token on its own (the first attention's "
-            f"input projections, or LoRA factors on them); the first trained map, {first[0].name}, reads "
-            "tokens in their context (LoRA on the MLP only), so no candidate token can be checked alone"
-        )
     if first is not views[0]:
         notes.append(
             f"first-layer span from {first[0].name}: the input seen through the LoRA factor it reads "

@@ -123,6 +123,18 @@ def run_sweep(spec: Path, mode: Mode, folder: Path, expected: int, cores: int) -
     print(f"{mode.name}: {mode.walls[-1]:.1f} s, load {mode.loads[-1]:.1f}", flush=True)
 
 
+QUIET = 0.5  # a 1-minute load average above this before the sweeps: other jobs share the machine
+
+
+def _settled_load(wait: float = 180.0) -> tuple[float, float, float]:
+    """The load average once the 1-minute figure has fallen to QUIET (the tail of whatever ran just
+    before), or after `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while os.getloadavg()[0] > QUIET and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,7 +159,7 @@ def main() -> None:
         Mode(f"Ray, 1 node, {w} workers", ["--executor", "ray", "--workers", w]),
         Mode(f"Ray, 2 local nodes, {w} workers", ["--executor", "ray", "--workers", w], nodes=2),
     ]
-    load_before = os.getloadavg()
+    load_before = _settled_load()
     with tempfile.TemporaryDirectory(prefix="gradleak-bench-scale-") as tmp:
         folder = Path(tmp)
         spec = folder / "sweep.toml"
@@ -157,9 +169,9 @@ def main() -> None:
                 run_sweep(spec, mode, folder, runs, cores)
     load_after = os.getloadavg()
 
-    # other jobs on the cores (load taken before and after, when no sweep of ours runs) make the
-    # wall clocks, and the in-process baseline with its threads on every core most of all, unfair
-    shared = max(load_before[0], load_after[0]) > 0.5
+    # other jobs on the cores make the wall clocks, and the in-process baseline with its threads on every
+    # core most of all, unfair; the load after the sweeps is our own, so only the load before counts
+    shared = load_before[0] > QUIET
     base = statistics.median(modes[0].walls)
     one_thread = statistics.median(modes[1].walls)
     rows = []

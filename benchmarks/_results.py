@@ -24,6 +24,20 @@ def run_cell(spec: RunSpec, batches: int) -> list[RunRecord]:
     return [run_one(replace(spec, seed=seed)) for seed in range(batches)]
 
 
+def run_counted(spec: RunSpec, batches: int) -> tuple[list[RunRecord], list[str]]:
+    """`run_cell`, with a batch the attack refuses counted (its reason kept) rather than failing the
+    cell: a refusal is a result."""
+    from gradleak.errors import GradleakError
+
+    records, refusals = [], []
+    for seed in range(batches):
+        try:
+            records.append(run_one(replace(spec, seed=seed)))
+        except GradleakError as exc:
+            refusals.append(str(exc))
+    return records, refusals
+
+
 def summarise(records: Iterable[RunRecord]) -> dict[str, float]:
     records = list(records)
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import replace
 
 import torch
-from _results import machine, summarise, table, write_section
+from _results import machine, run_counted, summarise, table, write_section
 
-from gradleak.errors import GradleakError
-from gradleak.experiment import RunSpec, run_one
+from gradleak.experiment import RunSpec
 
 PUBLISHED = """DAGER (Petrov et al., NeurIPS 2024), published ROUGE-1: GPT-2 100 up to B=64 on CoLA;
 BERT-base CoLA B=4 94.0, B=8 67.8; BERT-base RT B=4 66.8, B=8 37.1. DAGER's own code on a 2-core
@@ -78,12 +76,7 @@ def main() -> None:
                     finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
                 )  # fmt: skip
                 head = [victim, task, *([peft or "full"] if with_peft else []), data, b]
-                records, refusals = [], []
-                for seed in range(n):  # a batch the attack refuses is a result too: counted, not averaged
-                    try:
-                        records.append(run_one(replace(spec, seed=seed)))
-                    except GradleakError as exc:
-                        refusals.append(str(exc))
+                records, refusals = run_counted(spec, n)  # a refused batch is counted
                 if not records:
                     rows.append([*head, n, "-", "-", "-", f"refused: {refusals[0][:110]}"])
                     print(rows[-1], flush=True)

@@ -14,13 +14,11 @@ import argparse
 import logging
 import math
 import sys
-from dataclasses import replace
 
 import torch
-from _results import machine, summarise, table, write_section
+from _results import machine, run_counted, summarise, table, write_section
 
-from gradleak.errors import GradleakError
-from gradleak.experiment import RunSpec, run_one
+from gradleak.experiment import RunSpec
 
 HEADER = [
     "victim",
@@ -72,12 +70,7 @@ def main() -> None:
                     time_budget=args.time_budget, max_length=64, force=args.force,
                 )  # fmt: skip
                 head = [victim, peft or "full", epochs, b_mini, f"{lr:g}", steps]
-                records, refusals = [], []
-                for seed in range(args.batches):
-                    try:
-                        records.append(run_one(replace(spec, seed=seed)))
-                    except GradleakError as exc:  # a refusal is a result: counted
-                        refusals.append(str(exc))
+                records, refusals = run_counted(spec, args.batches)  # a refused batch is counted
                 if not records:
                     rows.append([*head, args.batches, "-", "-", "-", f"refused: {refusals[0][:110]}"])
                 else:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from _results import machine, table, write_section
 
+from gradleak.sweeps.executors import forget_address
+
 # the issue's targets on 2 cores: wall clock at most this times the in-process sweep's
 TARGETS = {"local, 2 workers": 1.1, "Ray, 1 node, 2 workers": 1.25}
 
@@ -79,19 +81,6 @@ def local_cluster(nodes: int, cores: int) -> Iterator[tuple[str, float]]:
         yield cluster.address, time.perf_counter() - start
     finally:
         cluster.shutdown()
-
-
-def forget_address(address: str) -> None:
-    """Take the cluster's address out of Ray's `ray_current_cluster` file (Cluster writes it for
-    convenience), so that a plain `ray.init()` elsewhere on this machine does not join this cluster."""
-    try:
-        from ray._common.utils import get_ray_address_file
-
-        path = Path(get_ray_address_file(None))
-        if path.read_text().strip() == address:
-            path.unlink()
-    except (ImportError, OSError):  # another Ray's layout, or no file: nothing to forget
-        pass
 
 
 def run_sweep(spec: Path, mode: Mode, folder: Path, expected: int, cores: int) -> None:

@@ -58,3 +58,13 @@ def batch_from(
 def make_victim_batch() -> Callable[..., Batch]:
     """The `batch_from` helper as a fixture, for tests that prefer injection over import."""
     return batch_from
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """The identity Flower's runtimes give the process that builds messages (as run_simulation does)."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, name, value)

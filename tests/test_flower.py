@@ -61,16 +61,6 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys, 
 # ------------------------------------------------------------------ the wrapper, in process
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    """The identity Flower's runtimes give the process that builds messages (as run_simulation does)."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 class _Grid:
     """The two calls FedAvg makes on a Grid while configuring a round."""
 

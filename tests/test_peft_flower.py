@@ -48,16 +48,6 @@ def _head(name: str) -> bool:
     return ".modules_to_save." in name
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    """The identity Flower's runtimes give the process that builds messages (as run_simulation does)."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 class _Grid:
     def get_node_ids(self):
         return NODES

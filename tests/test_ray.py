@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import pytest
 from _cli import main_in_process
@@ -15,7 +14,7 @@ from _cli import main_in_process
 from gradleak.errors import GradleakError
 from gradleak.store import Store
 from gradleak.sweeps import Job, parse_plan, run_sweep
-from gradleak.sweeps.executors import LocalExecutor, RayExecutor
+from gradleak.sweeps.executors import LocalExecutor, RayExecutor, forget_address
 
 pytest.importorskip("ray", reason='Ray is not installed: pip install -e ".[ray]" (.ci/run installs it)')
 
@@ -69,19 +68,6 @@ def test_local_and_ray_executors_give_identical_scores(tmp_path):
 
 
 # ------------------------------------------------------------------ a multi-node cluster
-
-
-def forget_address(address: str) -> None:
-    """Take the cluster's address out of Ray's `ray_current_cluster` file (Cluster writes it for
-    convenience), so that a plain `ray.init()` elsewhere on this machine does not join this cluster."""
-    try:
-        from ray._common.utils import get_ray_address_file
-
-        path = Path(get_ray_address_file(None))
-        if path.read_text().strip() == address:
-            path.unlink()
-    except (ImportError, OSError):  # another Ray's layout, or no file: nothing to forget
-        pass
 
 
 @pytest.fixture(scope="module")

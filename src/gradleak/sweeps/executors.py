@@ -315,3 +315,19 @@ def make_executor(
     if gpus_per_run is not None and name != "ray":
         raise GradleakError("--gpus-per-run asks Ray for GPUs: use it with --executor ray")
     return EXECUTORS[name](workers, address, threads, gpus_per_run)
+
+
+def forget_address(address: str) -> None:
+    """Take a cluster's address out of Ray's `ray_current_cluster` file (`ray.cluster_utils.Cluster`
+    writes it for convenience), so that a plain `ray.init()` elsewhere on this machine does not join
+    that cluster."""
+    from pathlib import Path
+
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        path = Path(get_ray_address_file(None))
+        if path.read_text().strip() == address:
+            path.unlink()
+    except (ImportError, OSError):  # another Ray's layout, or no file: nothing to forget
+        pass

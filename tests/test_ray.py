@@ -152,6 +152,26 @@ def _busy(node) -> bool:
     return False
 
 
+def _node_processes(node) -> list:
+    """The node's raylet and every process under it (its Ray workers)."""
+    import psutil
+
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    return [raylet, *raylet.children(recursive=True)]
+
+
+def _kill_all(procs: list) -> None:
+    """SIGKILL whatever of `procs` still runs, and wait until none does."""
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
 def test_a_node_killed_mid_sweep_loses_no_run_and_stores_none_twice(cluster, tmp_path, capsys):
     """Two worker nodes of 1 CPU; once the first run is stored and the second node is running one,
     that node is killed (SIGKILL, no grace): its run is retried on the other node, every run is
@@ -169,8 +189,11 @@ def test_a_node_killed_mid_sweep_loses_no_run_and_stores_none_twice(cluster, tmp
         deadline = time.monotonic() + 30
         while not _busy(doomed) and time.monotonic() < deadline:
             time.sleep(0.05)
-        kill.update(busy=_busy(doomed), node=doomed.node_id, at=time.time())
+        kill.update(busy=_busy(doomed), node=doomed.node_id)
+        workers = _node_processes(doomed)
         cluster.remove_node(doomed, allow_graceful=False)
+        _kill_all(workers)  # the raylet's workers can outlive it for a moment: the whole node dies here
+        kill["at"] = time.time()
 
     executor = RayExecutor(workers=2, address=cluster.address)
     with Store.open(tmp_path / "s.sqlite", create=True) as store:

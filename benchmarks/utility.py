@@ -2,6 +2,8 @@
 
     python benchmarks/utility.py --threads 1            # the table (about 15 min on one idle core)
     python benchmarks/utility.py --steps 20 --rows 2    # a quick look
+    python benchmarks/utility.py --peft lora:r=8,targets=query+value --lr 0.2 --section utility_lora
+                                                        # DP-LoRA: the adapters (and the head) only
 
 Trains MiniLM on SST-2 (the fixed 80/20 split of `gradleak train`) for a fixed budget with no
 defence, small absolute Gaussian noise, and DP-SGD (clip 1, Z in {0.5, 1, 2}), all from the same seed,
@@ -66,7 +68,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1.0)
+    ap.add_argument("--optimizer", default="sgd", help="sgd or adam (DP-Adam under dp-sgd)")
     ap.add_argument("--train-only", default="classifier*", help="comma-separated groups/patterns; '' for all")
+    ap.add_argument("--peft", default=None, help="train LoRA adapters on a frozen base (lora:r=8,...) instead")
     ap.add_argument("--sigmas", default="0,0.001,0.01", help="absolute Gaussian sigmas (0: no defence)")
     ap.add_argument("--multipliers", default="0.5,1,2", help="DP-SGD noise multipliers Z")
     ap.add_argument("--clip", type=float, default=1.0)
@@ -86,25 +90,28 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    only = tuple(x for x in args.train_only.split(",") if x)
-    plan: list[tuple[tuple[str, ...], tuple[str, ...], float]] = [(d, only, args.lr) for d in _defences(args)]
-    if args.full_reference and only:
-        plan.append(((), (), args.full_lr))
+    only = () if args.peft else tuple(x for x in args.train_only.split(",") if x)
+    Plan = tuple[tuple[str, ...], tuple[str, ...], float, str | None]  # defences, trained, lr, peft
+    plan: list[Plan] = [(d, only, args.lr, args.peft) for d in _defences(args)]
+    if args.full_reference and (only or args.peft):
+        plan.append(((), (), args.full_lr, None))
     if args.rows:
         plan = plan[: args.rows]
     rows: list[list[object]] = []
     notes: list[str] = []
     loads: list[float] = []
-    for defences, trained, lr in plan:
+    for defences, trained, lr, peft in plan:
         loads.append(os.getloadavg()[0])
         spec = TrainSpec(
             victim=args.victim,
             data=args.data,
             steps=args.steps,
             lr=lr,
+            optimizer=args.optimizer if peft or trained else "sgd",
             batch_size=args.batch_size,
             defenses=defences,
             train_only=trained,
+            peft=peft,
             eval_every=args.eval_every,
             seed=args.seed,
             delta=args.delta,
@@ -113,7 +120,7 @@ def main() -> None:
         )
         start = time.perf_counter()
         record = train(spec)
-        label = ", ".join(trained) if trained else "all"
+        label = ", ".join(trained) if trained else (peft or "all")
         rows.append(_row(record, f"{label} ({record.parameters:,})", lr, time.perf_counter() - start))
         loads.append(os.getloadavg()[0])
         if not notes:
@@ -142,6 +149,17 @@ depend on the data, so the accounting is unchanged. The full fine-tuning row tak
 and the estimated smoothness of the whole model grows from L = 4.8 to 46 within 60 steps at lr 0.05."""
 
 
+OPTIMIZER = {"sgd": "plain SGD", "adam": "Adam on the defended gradient (DP-Adam under dp-sgd)"}
+
+WHY_PEFT = """DP-LoRA: the base is frozen and only the LoRA adapters and the classifier's fresh head train; DP-SGD
+clips each example's gradient of those tensors and adds noise to them only, and Adam takes the noisy
+gradient (a post-processing of the release, so epsilon is that of the Gaussian mechanism alone). Plain
+SGD does not train these adapters: at lr 0.05, 0.2, 0.5 and 1 (100-300 steps, B = 16-32, no defence)
+held-out accuracy stayed at 45.9-58.0 %, the head and the adapters wanting step sizes decades apart.
+
+"""
+
+
 def _body(
     args: argparse.Namespace, rows: list[list[object]], notes: list[str], loads: list[float], *, done: bool
 ) -> str:
@@ -154,9 +172,10 @@ def _body(
     )
     return (
         f"## Utility under perturbed gradients (`python benchmarks/utility.py`){status}\n\n"
-        f"Command arguments: `{' '.join(sys.argv[1:])}`. {args.victim} on {args.data}, plain SGD, "
+        f"Command arguments: `{' '.join(sys.argv[1:])}`. {args.victim} on {args.data}, {OPTIMIZER[args.optimizer]}, "
         f"batch {args.batch_size}, {args.steps} steps, seed {args.seed}; dropout off. "
         f"{'; '.join(notes)}. Machine: {machine()}.{load}\n\n{table(HEADER, rows)}\n\n"
+        f"{WHY_PEFT if args.peft else ''}"
         "epsilon: 'inf' where the chain has no finite bound (absolute noise on an unclipped gradient, or "
         f"no noise). A constant predictor scores 54.1% on this held-out split (45.9% positive).\n\n{WHY}\n"
     )

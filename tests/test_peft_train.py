@@ -155,3 +155,51 @@ def test_train_cli_reports_the_adapters(tmp_path, capsys, monkeypatch):
 def test_train_only_with_peft_is_refused_by_the_spec():
     with pytest.raises(GradleakError, match="--train-only does not apply"):
         TrainSpec(peft="lora:r=2", train_only=("head",)).validate()
+
+
+def test_adam_steps_the_defended_gradient_and_keeps_the_accounting():
+    """DP-Adam: Adam takes the same noisy, clipped gradients as SGD would, so epsilon is the same; only
+    the adapters move, and differently from SGD's step."""
+    common = dict(
+        victim="gpt2-tiny",
+        data="sample",
+        peft="lora:r=2,targets=c_attn",
+        steps=3,
+        batch_size=4,
+        lr=0.01,
+        eval_every=3,
+        defenses=("dp-sgd:clip=1,multiplier=1",),
+        bound=False,
+    )
+    sgd = train(TrainSpec(**common))
+    adam = train(TrainSpec(**common, optimizer="adam"))
+    assert adam.epsilon == pytest.approx(sgd.epsilon)
+    assert adam.batch_sizes == sgd.batch_sizes  # the same Poisson draws: the optimiser is post-processing
+    assert adam.to_json()["spec"]["optimizer"] == "adam"
+    assert adam.eval[-1].loss != sgd.eval[-1].loss
+
+
+OPTIMIZER_BAD = [
+    (("--optimizer", "rmsprop"), "unknown optimizer 'rmsprop'"),
+    (("--optimizer", "adam", "--bound"), "the convergence bound holds for plain SGD only"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), OPTIMIZER_BAD, ids=[" ".join(a) for a, _ in OPTIMIZER_BAD])
+def test_bad_optimizer_input_is_one_line_and_exit_2(args, message, capsys, monkeypatch):
+    base = ("train", "--victim", "gpt2-tiny", "--data", "sample", "--steps", "1", "--batch-size", "2")
+    code, err = main_in_process((*base, *args), capsys, monkeypatch)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_adam_from_the_cli_runs_without_the_bound(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "adam.json"
+    args = ("train", "--victim", "gpt2-tiny", "--data", "sample", "--steps", "2", "--batch-size", "2")
+    args += ("--optimizer", "adam", "--lr", "0.001", "--eval-every", "2", "--json", str(out))
+    code, err = main_in_process(args, capsys, monkeypatch)
+    assert code == 0, err
+    payload = json.loads(out.read_text())
+    assert payload["spec"]["optimizer"] == "adam" and payload["spec"]["bound"] is False
+    assert payload["bound"] is None

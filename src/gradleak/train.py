@@ -3,9 +3,11 @@
 Each step draws a minibatch (seeded; see Sampling), computes the clean gradient of the mean loss,
 passes it through the defence chain exactly as a client would before sharing it, and
 takes x <- x - lr * defended gradient (plain SGD, no momentum, no weight decay: the setting of the
-convergence bound in `gradleak.bounds`). Recorded per step: the minibatch loss, the clean and the
-defended gradient norms; every K steps (and at 0 and T): held-out accuracy and loss and the epsilon
-spent so far.
+convergence bound in `gradleak.bounds`), or, with `optimizer="adam"`, hands the defended gradient to
+torch's Adam (DP-Adam under dp-sgd, the usual way to fine-tune LoRA adapters; a post-processing of
+the released update, so epsilon is unchanged; the bound does not apply). Recorded per step: the
+minibatch loss, the clean and the defended gradient norms; every K steps (and at 0 and T): held-out
+accuracy and loss and the epsilon spent so far.
 
 Choices:
 
@@ -94,6 +96,7 @@ class TrainSpec(VictimSpec):
     batch_size: int = 16
     steps: int = 100
     lr: float = 0.1
+    optimizer: str = "sgd"  # "sgd" (plain, the bound's setting) or "adam" (DP-Adam under dp-sgd)
     eval_every: int = 10
     holdout: float = 0.2
     split_seed: int = 0
@@ -110,6 +113,14 @@ class TrainSpec(VictimSpec):
             raise GradleakError(f"learning rate must be a finite number > 0, got {self.lr}")
         if self.steps < 1:
             raise GradleakError(f"steps must be at least 1, got {self.steps}")
+        if self.optimizer not in OPTIMIZERS:
+            choices = ", ".join(OPTIMIZERS)
+            raise GradleakError(f"unknown optimizer {self.optimizer!r}; choose one of {choices}")
+        if self.optimizer != "sgd" and self.bound:
+            raise GradleakError(
+                "the convergence bound holds for plain SGD only: "
+                f"give --no-bound with --optimizer {self.optimizer}"
+            )
         if self.eval_every < 1:
             raise GradleakError(f"eval-every must be at least 1, got {self.eval_every}")
         if not 0 < self.holdout < 1:
@@ -453,6 +464,35 @@ def _gaussian(like: torch.Tensor, generator: torch.Generator, std: float) -> tor
     return (z * std).to(like.dtype).to(like.device)
 
 
+Stepper = Callable[[dict[str, torch.Tensor]], None]  # takes one step along the defended gradient
+
+
+def _sgd(params: dict[str, torch.Tensor], lr: float) -> Stepper:
+    @torch.no_grad()
+    def step(grads: dict[str, torch.Tensor]) -> None:
+        for name, g in grads.items():
+            params[name].sub_(lr * g.to(params[name].dtype))
+
+    return step
+
+
+def _adam(params: dict[str, torch.Tensor], lr: float) -> Stepper:
+    """torch's Adam fed the defended gradient: post-processing of the released update, so the
+    accounting is the same as for SGD (DP-Adam)."""
+    opt = torch.optim.Adam(list(params.values()), lr=lr)
+
+    def step(grads: dict[str, torch.Tensor]) -> None:
+        for name, p in params.items():
+            p.grad = grads[name].to(p.dtype) if name in grads else torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+OPTIMIZERS: dict[str, Callable[[dict[str, torch.Tensor], float], Stepper]] = {"sgd": _sgd, "adam": _adam}
+
+
 def _privacy(trace, spec: TrainSpec, steps: int, q: float) -> PrivacyReport:
     return trace.report(spec.delta, spec.accountant, sample_rate=q, steps=steps)
 
@@ -513,6 +553,7 @@ def train(spec: TrainSpec, progress: Progress | None = None) -> TrainRecord:
         evals.append(EvalPoint(step, acc, loss, eps if step else 0.0))
         log.info("step %d: held-out accuracy %.3f, loss %.4f, epsilon %s", step, acc, loss, eps)
 
+    step_with = OPTIMIZERS[spec.optimizer](params, spec.lr)
     record_eval(0)
     for step in range(1, spec.steps + 1):
         if poisson:
@@ -537,9 +578,7 @@ def train(spec: TrainSpec, progress: Progress | None = None) -> TrainRecord:
             trace = step_trace
             unit = step_trace.unit
             q = spec.batch_size / len(train_set) if unit == "example" else 1.0
-        with torch.no_grad():
-            for name, g in update.tensors.items():
-                params[name].sub_(spec.lr * g.to(params[name].dtype))
+        step_with(update.tensors)
         losses.append(loss)
         clean_norms.append(global_norm(clean))
         defended_norms.append(global_norm(update.tensors))

@@ -18,7 +18,10 @@ def train(
     ] = "bert-tiny",
     data: Annotated[str, typer.Option(help="sst2, cola, rt, wikitext, sample, or a file.")] = "sst2",
     steps: Annotated[int, typer.Option(help="SGD steps T.")] = 100,
-    lr: Annotated[float, typer.Option(help="SGD step size (plain SGD, no momentum).")] = 0.1,
+    lr: Annotated[float, typer.Option(help="Step size (plain SGD: no momentum; or Adam's lr).")] = 0.1,
+    optimizer: Annotated[
+        str, typer.Option(help="sgd (plain, the bound's setting) or adam (DP-Adam under dp-sgd; no bound).")
+    ] = "sgd",
     text_column: TextColumnOption = None,
     label_column: LabelColumnOption = None,
     peft: Annotated[
@@ -56,8 +59,11 @@ def train(
     delta: Annotated[float, typer.Option(help="The delta of the reported (epsilon, delta).")] = 1e-5,
     accountant: Annotated[str, typer.Option(help="rdp, pld or prv.")] = "rdp",
     bound: Annotated[
-        bool, typer.Option(help="Estimate L and the gradient variance, and compute the convergence bound.")
-    ] = True,
+        bool | None,
+        typer.Option(
+            help="Estimate L and the gradient variance, and the convergence bound (sgd only; default on).",
+        ),
+    ] = None,
     json_out: Annotated[
         str | None, typer.Option("--json", help="Write the record as JSON to FILE ('-' for stdout).")
     ] = None,
@@ -78,6 +84,7 @@ def train(
         peft=peft,
         steps=steps,
         lr=lr,
+        optimizer=optimizer,
         batch_size=batch_size,
         defenses=tuple(defense or ()),
         eval_every=eval_every,
@@ -92,7 +99,7 @@ def train(
         train_only=tuple(train_only or ()),
         delta=delta,
         accountant=accountant,
-        bound=bound,
+        bound=optimizer == "sgd" if bound is None else bound,
     )
     spec.validate()
     if plot_out is not None and not plot_out.lower().endswith(".png"):
@@ -115,7 +122,8 @@ def train(
 def _show_training(record) -> None:
     out = Console()
     spec = record.spec
-    table = Table(title=f"SGD on {spec.victim}, {spec.data}: lr {spec.lr:g}, batch {spec.batch_size}")
+    method = {"sgd": "SGD", "adam": "Adam"}.get(spec.optimizer, spec.optimizer)
+    table = Table(title=f"{method} on {spec.victim}, {spec.data}: lr {spec.lr:g}, batch {spec.batch_size}")
     for column in ("step", "held-out accuracy", "held-out loss", "epsilon"):
         table.add_column(column, justify="right")
     for e in record.eval:

@@ -9,8 +9,9 @@ for a target z drawn from a prior pi, with every other record known,
 
     P[attack(M(D_- + z)) = z] <= 1 - f(kappa),   kappa = max_z' P_{z ~ pi}[z = z']  (the best blind guess)
 
-(Hayes, Mahloujifar & Balle, NeurIPS 2023, Theorem 2): the attack's success event is a test, and
-comparing M(D_- + z) with M(D_-), which does not depend on z, bounds its power at size kappa. The
+(Hayes, Mahloujifar & Balle, NeurIPS 2023; Kaissis, Hayes, Ziller & Rueckert 2023): the attack's
+success event is a test, and comparing M(D_- + z) with M(D_-), which does not depend on z, bounds its
+power at size kappa (1 - f is concave, so averaging over z keeps the bound). The
 adjacency is add/remove-one, the same as the accountants' (`gradleak.privacy`).
 
 How f is obtained (`ReconstructionBound.method` says which):
@@ -41,7 +42,7 @@ from scipy.stats import norm
 from gradleak.errors import GradleakError
 from gradleak.privacy import Mechanism
 
-CITATION = "Hayes, Mahloujifar & Balle, NeurIPS 2023 (Thm 2): success <= 1 - f(kappa)"
+CITATION = "Hayes, Mahloujifar & Balle, NeurIPS 2023; Kaissis et al. 2023: success <= 1 - f(kappa)"
 PROFILE_POINTS = 4000  # grid of eps on which the privacy profile is evaluated
 PLD_DISCRETIZATION = 1e-3
 

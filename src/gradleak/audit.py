@@ -514,14 +514,14 @@ def threshold_verdict(spec: AuditSpec, result: AuditResult, data: ReportData) ->
             out.append(f"{head} without a defence. Its scan stopped: {s.note}.")
             continue
         z = t.strength or 0.0
-        at_most = "at most " if s.below is None else ""
+        at = "at or below" if s.below is None else "at"  # or below: the grid's floor already stopped it
         deployed = (
             f"; {_g(t.epsilon_deployment)} over {spec.rounds} rounds at q = {spec.sample_rate:g}"
             if t.epsilon_deployment is not None
             else ""
         )
         eps = _eps_words(t.epsilon, t.privacy_note)
-        where = f"It stops at {at_most}{t.defence} {_g(z)} ({eps} for one round{deployed})."
+        where = f"It stops {at} {t.defence} {_g(z)} ({eps} for one round{deployed})."
         if own >= z:
             ratio = own / z if knob.family.log else None
             far = f"is {_g(ratio)} times past it" if ratio is not None else "is past it"

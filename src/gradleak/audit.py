@@ -390,9 +390,10 @@ def run_audit(spec: AuditSpec, run_jobs: RunJobs) -> AuditResult:
             )
         )
     thresholds = done
-    # utility: no noise, the audited chain, and each threshold's chain
+    # utility: no noise, the audited chain, and each threshold's chain; only where some leak stops
+    # (the verdict's cost is of a threshold and of your setting measured against it)
     utility = None
-    if spec.utility:
+    if spec.utility and any(t.chain for t in thresholds):
         chains = {(): None, spec.defenses: None, **{t.chain: None for t in thresholds if t.chain}}
         train_jobs = {chain: spec.train_job(chain) for chain in chains}
         for row in run_jobs(list(train_jobs.values())):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,13 @@ from gradleak.sweeps.jobs import execute
 
 def _g(x: float | None) -> str:
     return "∞" if x is None else f"{x:.3g}"
+
+
+def _where(t) -> str:
+    if t.strength is None:
+        return t.scan.status  # no-leak, leaks (at the strongest setting tried), failed
+    at = "≤ " if t.scan.below is None else ""  # the grid's floor (1e-7) already stopped the leak
+    return f"{t.defence} {at}{_g(t.strength)}"
 
 
 def main() -> None:
@@ -79,9 +85,8 @@ def main() -> None:
                 time_budget=args.time_budget,
                 utility=False,
             )
-            start = time.perf_counter()
             result = run_audit(spec, run_jobs)
-            seconds = time.perf_counter() - start
+            seconds = sum(r.finished - r.started for r in result.rows)  # each run's wall clock, as stored
             for t in result.thresholds:
                 bound = None
                 if t.strength is not None and t.epsilon is not None:
@@ -95,8 +100,8 @@ def main() -> None:
                         victim,
                         b,
                         t.attack,
-                        f"{t.defence} {_g(t.strength)}" if t.strength is not None else t.scan.status,
-                        _g(t.scan.below),
+                        _where(t),
+                        "-" if t.scan.below is None else _g(t.scan.below),
                         _g(t.epsilon),
                         _g(t.epsilon_deployment),
                         "-" if bound is None else f"{100 * bound:.3g} %",
@@ -116,8 +121,9 @@ def main() -> None:
                     f"ε: rdp accountant, δ = 1e-5, one round, and {args.rounds} rounds at q = "
                     f"{args.sample_rate:g}. Bound: the largest exact-recovery success DP allows at the "
                     f"threshold for one release (Gaussian trade-off, Hayes et al. 2023) at prior "
-                    f"κ = {result.prior.kappa:.3g} ({result.prior.why.split(':')[0]}). s: wall-clock "
-                    f"seconds of the cell's scan (runs found in the store cost nothing). Machine: {machine()}; "
+                    f"κ = 1/(N - B + 1), N the {args.data} candidate sentences (the audit's default). s: wall-clock "
+                    f"seconds of the cell's runs (plain, defended and the scan's, each as the store timed it; "
+                    f"≤: the grid's floor already stopped the leak). Machine: {machine()}; "
                     f"load average {os.getloadavg()[0]:.1f} at the end of the cell.",
                     "",
                     table(header, rows),

@@ -34,7 +34,7 @@ def _multiplier(defenses: tuple[str, ...]) -> float | None:
     return d.multiplier if isinstance(d, DpSgd) else None
 
 
-def _scripted(jobs):
+def _scripted(jobs, stops_at: float = STOPS_AT):
     rows = []
     for job in jobs:
         spec = job.spec
@@ -50,7 +50,7 @@ def _scripted(jobs):
             }
         else:
             z = _multiplier(spec.defenses)
-            leaks = spec.attack == "exact" and (z is None or z < STOPS_AT)
+            leaks = spec.attack == "exact" and (z is None or z < stops_at)
             s = 100.0 if leaks else 2.0
             report = (
                 PrivacyReport(None, spec.delta, spec.accountant, (), "no DP mechanism")
@@ -139,6 +139,20 @@ def test_the_verdict_says_it_in_the_issue_s_shape(audited):
         == "The tag attack recovers 0/4 sentences exactly (ROUGE-1 2) without a defence: no leak to stop."
     )
     assert lines[4].startswith("At your setting DP allows a reconstruction attack at most 1.")
+
+
+def test_a_leak_the_clip_alone_stops_has_no_noise_threshold():
+    spec = AuditSpec(attacks=("exact",))
+    result = run_audit(spec, lambda jobs: _scripted(jobs, stops_at=-1.0))  # any DP-SGD, even z = 0, stops it
+    (t,) = result.thresholds
+    assert t.scan.status == "stops" and t.strength == 0.0 and t.epsilon is None
+    assert [p.strength for p in t.scan.points] == [1e-4, 1e-5, 1e-6, 1e-7, 0.0]
+    data = report_data(result, load_report_data(list(result.rows)))
+    (line,) = threshold_verdict(spec, result, data)
+    assert line.endswith(
+        "the rest of the chain stops it, not the noise, so there is no noise threshold "
+        "(and no finite epsilon there)."
+    )
 
 
 def test_the_audit_report_in_headless_chromium(audited, tmp_path):

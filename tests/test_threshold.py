@@ -66,7 +66,11 @@ def test_the_grid_extends_down_when_its_first_point_stops_the_leak():
     calls = []
     floor = scan(knob, "exact", True, _step(1e-12, calls), bisect=2)
     assert floor.status == "stops" and floor.below is None and floor.strength == 1e-7  # at most 1e-7
-    assert len(calls) == 4
+    assert calls == [1e-4, 1e-5, 1e-6, 1e-7, 0.0] and "at most" in floor.note  # leaks without noise
+    calls = []
+    clipped = scan(knob, "exact", True, _step(-1.0, calls), bisect=2)  # the clip alone stops it
+    assert clipped.status == "stops" and clipped.strength == 0.0 and "not the noise" in clipped.note
+    assert calls == [1e-4, 1e-5, 1e-6, 1e-7, 0.0]
 
 
 def test_no_leak_leaks_throughout_and_failed_runs():

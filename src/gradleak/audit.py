@@ -515,6 +515,13 @@ def threshold_verdict(spec: AuditSpec, result: AuditResult, data: ReportData) ->
             out.append(f"{head} without a defence. Its scan stopped: {s.note}.")
             continue
         z = t.strength or 0.0
+        if z == 0:
+            out.append(
+                f"{head} without a defence. It recovers nothing through {','.join(spec.defenses)} even at "
+                f"{t.defence} 0: the rest of the chain stops it, not the noise, so there is no noise "
+                "threshold (and no finite epsilon there)."
+            )
+            continue
         at = "at or below" if s.below is None else "at"  # or below: the grid's floor already stopped it
         deployed = (
             f"; {_g(t.epsilon_deployment)} over {spec.rounds} rounds at q = {spec.sample_rate:g}"

@@ -8,7 +8,9 @@ The scan (`scan`) is a coarse grid, then bisection:
 
 1. the grid's points, weakest first (decades of the noise; 0.1, 0.5, 0.9, 0.99, 0.999 of pruning),
    until the first point at which leakage stops; if that is the grid's first point, noise grids
-   step further down a decade at a time (up to `extend` decades) to find a setting that still leaks;
+   step further down a decade at a time (up to `extend` decades) to find a setting that still leaks,
+   and when even the lowest stops it, the scan tries strength 0: if the chain stops the leak without
+   noise (DP-SGD's per-example clipping can), the threshold is 0 and the noise is not what stops it;
 2. `bisect` steps between the last setting that leaked and the first that did not, halving their
    distance on the grid's axis (log of the noise; -log10(1 - fraction) of pruning).
 
@@ -212,6 +214,15 @@ def scan(
                 below = v
                 break
             stop = v
+    if below is None and fam.extend:  # even the floor stops it: does the chain without noise?
+        got = leaks(0.0)
+        if got is None:
+            return failed(0.0)
+        if not got:
+            note = "stops even at strength 0: the rest of the chain (the clip) stops the leak, not the noise"
+            return ThresholdScan(attack, "stops", 0.0, None, tuple(points), note)
+        note = f"leaks at strength 0, stops at {stop:g} (the weakest tried): the threshold is at most that"
+        return ThresholdScan(attack, "stops", stop, None, tuple(points), note)
     if below is None:
         return ThresholdScan(attack, "stops", stop, None, tuple(points), "stops at the weakest setting tried")
     lo, hi = fam.to_axis(below), fam.to_axis(stop)

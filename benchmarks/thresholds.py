@@ -32,6 +32,8 @@ def _g(x: float | None) -> str:
 def _where(t) -> str:
     if t.strength is None:
         return t.scan.status  # no-leak, leaks (at the strongest setting tried), failed
+    if t.strength == 0:
+        return f"{t.defence} 0 (the clip alone stops it)"
     at = "≤ " if t.scan.below is None else ""  # the grid's floor (1e-7) already stopped the leak
     return f"{t.defence} {at}{_g(t.strength)}"
 

@@ -4,6 +4,7 @@ and the reconstruction bound there.
 
     python benchmarks/thresholds.py --threads 1                       # gpt2-wide, minilm, smollm2 x 1,4,16
     python benchmarks/thresholds.py --threads 1 --victims gpt2-wide --batch-sizes 1
+    python benchmarks/thresholds.py --threads 1 --skip smollm2:16 --note "why"   # list a cell as not run
 
 Runs are kept in a store (`--store`, default benchmarks/.thresholds.sqlite): a re-run skips what is
 done. Writes the section `thresholds` of benchmarks/RESULTS.md after every cell, marked as in
@@ -53,9 +54,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--store", default=str(Path(__file__).with_name(".thresholds.sqlite")))
     ap.add_argument("--section", default="thresholds")
+    ap.add_argument("--skip", default="", help="cells not to run, VICTIM:B,... (listed as not run)")
+    ap.add_argument("--note", default="", help="a sentence on why, printed under the table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    skip = {(v, int(b)) for v, b in (c.split(":") for c in args.skip.split(",") if c)}
     cells = [(v, int(b)) for v in args.victims.split(",") for b in args.batch_sizes.split(",")]
+    cells = [c for c in cells if c not in skip]
     rows: list[list[object]] = []
     header = ["victim", "B", "attack", "leak stops at", "still leaks at", "ε one round", "ε deployed"]
     header += ["bound at z*", "scan runs", "s"]
@@ -129,6 +134,14 @@ def main() -> None:
                     f"load average {os.getloadavg()[0]:.1f} at the end of the cell.",
                     "",
                     table(header, rows),
+                    *(
+                        [
+                            "",
+                            "Not run: " + ", ".join(f"{v} B={b}" for v, b in sorted(skip)) + ". " + args.note,
+                        ]
+                        if skip
+                        else []
+                    ),
                 ]
             )
             print(body, flush=True)

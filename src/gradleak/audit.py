@@ -356,7 +356,12 @@ def run_audit(spec: AuditSpec, run_jobs: RunJobs) -> AuditResult:
 
             def evaluate(value: float, attack: str = attack) -> tuple[float, float] | None:
                 job = Job("attack", spec.run_spec(attack, knob.at(value)))
-                row = rows.get(job.key) or next(iter(run_jobs([job])))
+                row = rows.get(job.key)
+                if row is None:
+                    ran = run_jobs([job])
+                    if not ran:  # the runner gave nothing back: count it as a failed run
+                        return None
+                    row = ran[0]
                 rows[row.key] = row
                 at[(attack, value)] = row
                 return _scores(row)

@@ -56,10 +56,26 @@ def main() -> None:
         for r in result["runs"]
     ]
     runs = table(["attack", "defences", "ROUGE-1", "exact match", "ε", "attack s"], rows)
+    thresholds = table(
+        ["attack", "status", "leak stops at", "ε one round", "ε deployed", "utility cost (points)"],
+        [
+            [
+                attack,
+                t["status"],
+                "-" if t["strength"] is None else f"{t['defence']} {t['strength']:.3g}",
+                "-" if t["epsilon"] is None else f"{t['epsilon']:.3g}",
+                "-" if t["epsilon_deployment"] is None else f"{t['epsilon_deployment']:.3g}",
+                "-" if t["utility_cost"] is None else f"{t['utility_cost']:.1f}",
+            ]
+            for attack, v in result["attacks"].items()
+            for t in [v["threshold"]]
+        ],
+    )
+    counts = result["summary"]
     shared = load[0] > (os.cpu_count() or 2) + 0.5
     body = "\n".join(
         [
-            "## `gradleak audit` (the main job, no arguments)",
+            "## `gradleak audit` (the main job, no arguments: threshold scan, utility, reconstruction bound)",
             "",
             f"Machine: {machine()}; {os.cpu_count()} cores. Command: `python benchmarks/audit.py`.",
             "",
@@ -68,7 +84,12 @@ def main() -> None:
             + (" (the machine was shared with other jobs: the wall clock is pessimistic)" if shared else "")
             + ".",
             "",
+            f"{counts['total']} runs in all (attacks with and without the defence, the threshold scan, "
+            "the utility training runs):",
+            "",
             runs,
+            "",
+            thresholds,
             "",
             "Verdict: " + " ".join(result["verdict"]),
         ]

@@ -95,6 +95,7 @@ def test_audit_command_end_to_end(tmp_path, capsys, monkeypatch):
         "exact",
         "--defense",
         "clip:norm=1",
+        "--no-utility",
     )
     code, stderr = main_in_process((*args, "--json", "audit.json"), capsys, monkeypatch)
     assert code == 0, stderr

@@ -155,6 +155,47 @@ def audit(
     device: Annotated[str, typer.Option(help="cpu, or cuda where present.")] = "cpu",
     delta: Annotated[float, typer.Option(help="The delta of the reported (epsilon, delta).")] = 1e-5,
     accountant: Annotated[str, typer.Option(help="rdp, pld, prv, analytic or classic.")] = "rdp",
+    scan: Annotated[
+        bool,
+        typer.Option(
+            help="Scan the defence's strength for the weakest setting that stops each attack's leak."
+        ),
+    ] = True,
+    leak_threshold: Annotated[
+        float, typer.Option(help="Leakage stops below this ROUGE-1 (and with no sentence recovered exactly).")
+    ] = audit_defaults.DEFAULT_LEAK_ROUGE,
+    bisect_steps: Annotated[
+        int, typer.Option(help="Bisection steps after the coarse grid of the scan.")
+    ] = audit_defaults.DEFAULT_BISECT,
+    rounds: Annotated[
+        int,
+        typer.Option(help="Your deployment: training rounds T the epsilon at the threshold is given for."),
+    ] = audit_defaults.DEFAULT_ROUNDS,
+    sample_rate: Annotated[
+        float,
+        typer.Option(
+            help="Your deployment: the chance q that a sentence takes part in a round (1: every round)."
+        ),
+    ] = audit_defaults.DEFAULT_SAMPLE_RATE,
+    utility: Annotated[
+        bool,
+        typer.Option(
+            help="Measure the accuracy cost of the noise in short training runs (--no-utility: skip)."
+        ),
+    ] = True,
+    utility_steps: Annotated[
+        int, typer.Option(help="SGD steps of each utility training run.")
+    ] = audit_defaults.DEFAULT_UTILITY_STEPS,
+    utility_eval: Annotated[
+        int, typer.Option(help="Held-out sentences the utility runs are evaluated on.")
+    ] = audit_defaults.DEFAULT_UTILITY_EVAL,
+    prior_success: Annotated[
+        float | None,
+        typer.Option(
+            help="The prior kappa of the reconstruction bound: the chance of guessing a private sentence "
+            "without the update. Default 1 / (candidate sentences of the data set - B + 1)."
+        ),
+    ] = None,
     store: Annotated[
         str, typer.Option(help="Results store to keep the runs in; a re-run skips the finished ones.")
     ] = "gradleak-audit.sqlite",
@@ -162,7 +203,9 @@ def audit(
     knows: KnowsOption = DEFAULT_KNOWS,
     json_out: JsonOut = None,
 ) -> None:
-    """The main job: attack one client's update with and without a defence; verdict, epsilon, report."""
+    """The main job: attack one client's update with and without a defence, find where each attack's
+    leak stops, its epsilon and accuracy cost, and what DP promises about reconstruction; verdict,
+    report."""
     from gradleak.report import load_report_data, write_report
 
     known = parse_knows(knows)
@@ -182,14 +225,34 @@ def audit(
         delta=delta,
         accountant=accountant,
         knows=known,
+        scan=scan,
+        leak_rouge1=leak_threshold,
+        bisect=bisect_steps,
+        rounds=rounds,
+        sample_rate=sample_rate,
+        utility=utility,
+        utility_steps=utility_steps,
+        utility_eval=utility_eval,
+        prior_success=prior_success,
     )
-    jobs = spec.jobs()
+    spec.jobs()  # validates everything before any run
     if not out.parent.exists():
         raise GradleakError(f"cannot write the report: folder {out.parent} does not exist")
     console = console_for(json_out)
-    summary, rows = _run(jobs, store, "local", 1, None, console)
-    data_ = load_report_data(rows, source=store)
-    sentences = audit_defaults.verdict(spec, data_)
+    summaries = []
+
+    def run_jobs(jobs):
+        summary, rows = _run(jobs, store, "local", 1, None, console)
+        summaries.append(summary)
+        return rows
+
+    result = audit_defaults.run_audit(spec, run_jobs)
+    data_ = audit_defaults.report_data(result, load_report_data(list(result.rows), source=store))
+    sentences = [
+        *audit_defaults.verdict(spec, data_),
+        *audit_defaults.threshold_verdict(spec, result, data_),
+        *audit_defaults.bound_verdict(result, data_, spec.defenses),
+    ]
     path = write_report(
         out, data_, title=f"gradleak audit: {victim} on {data}, B={batch_size}", verdict=sentences
     )
@@ -201,15 +264,39 @@ def audit(
                 "verdict": sentences,
                 "report": str(path),
                 "store": store,
-                "summary": summary.to_json(),
-                "runs": [r.record for r in rows if r.record is not None],
+                "summary": _total(summaries),
+                "attacks": {t.attack: {"threshold": t.to_json()} for t in result.thresholds},
+                "deployment": {
+                    "rounds": rounds,
+                    "sample_rate": sample_rate,
+                    "delta": delta,
+                    "accountant": accountant,
+                },
+                "utility": None if result.utility is None else result.utility.to_json(),
+                "prior": {"kappa": result.prior.kappa, "why": result.prior.why},
+                "measured_success": "the fraction of the sentences recovered exactly (0-1)",
+                "runs": [
+                    {**r.record, **result.bounds.get(r.key, {})}
+                    for r in result.rows
+                    if r.record is not None and r.kind == "attack"
+                ],
+                "training": [r.record for r in result.rows if r.record is not None and r.kind == "train"],
                 "failed": [{"run": f.label, "error": f.error} for f in data_.failed],
             },
             json_out,
         )
-    failed, refused, total = failed_count([summary])
+    failed, refused, total = failed_count(summaries)
     where = f"{_store_errors(store)} and the report {path}"
     finish_runs(failed, refused, total, where)
+
+
+def _total(summaries: Sequence[Any]) -> dict[str, Any]:
+    """The runs of all the audit's sweeps (plain and defended, the scan's steps, training), added up."""
+    out: dict[str, Any] = {}
+    for s in summaries:
+        for k, v in s.to_json().items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 COMMANDS: tuple[Callable[..., None], ...] = (sweep, report, audit)

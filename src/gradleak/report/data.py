@@ -116,6 +116,33 @@ class Group:
 
 
 @dataclass(frozen=True)
+class ThresholdMark:
+    """Where one attack's leak stops (an audit's threshold scan): the strength, its one-round epsilon
+    (None: no finite bound or no threshold), and the accuracy training there costs (points)."""
+
+    attack: str
+    defence: str  # the strength in words ("DP-SGD multiplier")
+    status: str  # stops, no-leak, leaks, failed
+    strength: float | None
+    epsilon: float | None
+    utility_cost: float | None = None
+    leak_rouge1: float = 20.0  # the leak criterion's ROUGE-1 level
+
+
+@dataclass(frozen=True)
+class BoundPoint:
+    """One DP run: the largest reconstruction success its mechanism allows at the prior, and the
+    success measured (the fraction of sentences recovered exactly), both 0-1."""
+
+    key: str
+    attack: str
+    epsilon: float
+    bound: float
+    measured: float
+    prior: float
+
+
+@dataclass(frozen=True)
 class ReportData:
     attacks: tuple[AttackRun, ...] = ()
     trains: tuple[TrainRun, ...] = ()
@@ -123,6 +150,9 @@ class ReportData:
     source: str = ""
     versions: tuple[str, ...] = field(default=())
     refused: tuple[FailedRun, ...] = ()  # runs whose attack declined the scenario; `error` is the reason
+    thresholds: tuple[ThresholdMark, ...] = ()  # an audit's threshold scan, one per attack
+    bounds: tuple[BoundPoint, ...] = ()  # an audit's reconstruction bounds, one per DP run
+    bound_curve: tuple[tuple[float, float], ...] = ()  # (one-round epsilon, bound): the bound as a curve
 
     def groups(self) -> list[Group]:
         return group_runs(self.attacks)

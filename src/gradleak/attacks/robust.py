@@ -82,7 +82,7 @@ JUMP = 4.0  # a beam stops where an extension's ratio is JUMP x its median so fa
 LONGEST = 1.3  # a sequence holds at most this many tokens per token of the set (plus two)
 USES = 3  # the most occurrences of one token in a sequence
 PRIOR_WEIGHT = 0.05  # weight of the prior's mean NLL per token (nats) beside the mean distance ratio
-PRIOR_EVERY = 4  # the prior re-ranks the beam every this many positions, and the finished beams (its cost)
+PRIOR_EVERY = 8  # the prior re-ranks the beam every this many positions, and the finished beams (its cost)
 COVER = 2.0  # cost of leaving the whole token set out of the chosen sequences (a share of it: its share)
 NO_SIGNAL = 0.9  # mean null-normalised distance of the best beam above which nothing was recovered
 
@@ -276,6 +276,9 @@ def _beam_decoder(
     beams = _prune(victim, beams, width, prior)
     finished: list[tuple[list[int], list[float]]] = []
     longest = len(cands.tokens)
+    # one sequence on a model that shows its positions: it fills every occupied one, so the best
+    # extension always continues it (at high noise a true token's ratio nears the null's)
+    fixed = knowledge.batch_size == 1 and not scene.position_free
     if pool:  # a sentence's distinct tokens are among the token set: few sentences repeat more
         longest = min(longest, math.ceil(LONGEST * len(pool)) + 2)
     for p in range(1, longest):
@@ -297,8 +300,9 @@ def _beam_decoder(
         grown: list[tuple[list[int], list[float]]] = []
         for i, (pre, hist) in enumerate(beams):
             mine = ratio[i * len(toks) : (i + 1) * len(toks)]
-            limit = END_RATIO
-            if len(hist) > SETTLE:  # (the first position's context is its token alone: not typical)
+            limit = float("inf") if fixed else END_RATIO
+            # (the first position's context is its token alone: not typical)
+            if len(hist) > SETTLE and not fixed:
                 limit = min(limit, JUMP * sorted(hist[1:])[(len(hist) - 1) // 2])
             ext = [
                 (pre + [t], hist + [r])
@@ -312,7 +316,9 @@ def _beam_decoder(
     finished += beams
     if not finished:
         return [], float("inf")
-    if pool and knowledge.batch_size == 1:  # the sentence holds the whole token set: cut by coverage
+    if fixed:
+        pass
+    elif pool and knowledge.batch_size == 1:  # the sentence holds the whole token set: cut by coverage
         finished = [_covering_end(seq, hist, pool) for seq, hist in finished]
     else:
         finished = [_at_end(seq, hist) for seq, hist in finished]

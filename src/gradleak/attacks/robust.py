@@ -19,7 +19,10 @@ What it does, step by step (the exact attack's scene, refusals and token set are
    of the same beam (the null: 1 means "no evidence"); a beam's score is the mean of those ratios
    plus `PRIOR_WEIGHT` times the language prior's mean NLL per token (`attacks.prior`, the text
    decoded from the victim's ids, so any victim works with any prior). A beam ends where its best
-   extension is no better than END_RATIO of the null; the batch size's best distinct beams are kept.
+   extension is no better than END_RATIO of the null or JUMP times its own level (a batch of one on a
+   model that shows its positions fills every occupied position instead); beams are cut at their
+   sentence's end (coverage of the token set for a batch of one, else a change point), and the batch
+   size's best distinct ones are kept, greedily rewarding coverage of the token set.
    Encoders (bidirectional contexts: a prefix has no score of its own) go to `exact`'s encoder
    search, run on the weighted subspaces and the ranked candidates.
 

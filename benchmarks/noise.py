@@ -1,9 +1,9 @@
-"""Leakage under noise: ROUGE-1 of the exact attack and of TAG against absolute Gaussian noise and
-against DP-SGD's noise multiplier (clip 1), on the GPT-2-width decoder and MiniLM, epsilon beside
-each point.
+"""Leakage under noise: ROUGE-1 of the exact attack, its noise-robust variant (exact-robust) and TAG
+against absolute Gaussian noise and against DP-SGD's noise multiplier (clip 1), on the GPT-2-width
+decoder and MiniLM, epsilon beside each point.
 
     python benchmarks/noise.py                          # the full table (long)
-    python benchmarks/noise.py --batches 1 --attacks exact
+    python benchmarks/noise.py --batches 1 --attacks exact,exact-robust
 
 Writes the section `noise` of benchmarks/RESULTS.md (after every cell) and prints the table.
 """
@@ -79,7 +79,7 @@ def main() -> None:
                         time_budget=args.time_budget, iterations=args.tag_iterations,
                         delta=args.delta, accountant=args.accountant,
                     )  # fmt: skip
-                    n = args.batches if attack == "exact" else args.tag_batches
+                    n = args.batches if attack.startswith("exact") else args.tag_batches
                     try:
                         recs = [run_one(replace(spec, seed=s)) for s in range(n)]
                     except GradleakError as exc:
@@ -133,8 +133,9 @@ def _body(args, rows, curves, *, done: bool) -> str:
     return (
         f"## Leakage under noise (`python benchmarks/noise.py`){status}\n\n"
         f"Command arguments: `{' '.join(sys.argv[1:])}`. Data {args.data} (sentences of at most "
-        f"{args.max_words} words), float32 updates, one FedSGD release of one batch. Exact attack: "
-        f"the server knows the protocol perturbs updates; TAG: {args.tag_iterations} Adam steps. The server "
+        f"{args.max_words} words), float32 updates, one FedSGD release of one batch. Exact attacks: "
+        f"the server knows the protocol perturbs updates, assembly budget {args.time_budget:g} s a batch "
+        f"(exact-robust: language prior smollm2); TAG: {args.tag_iterations} Adam steps. The server "
         f"knows: {parse_knows(args.knows).describe()} (TAG infers lengths it is not given). "
         f"Epsilon: {args.accountant} accountant, "
         f"delta {args.delta:g}, one release (sample rate 1, one step), example-level for DP-SGD; "

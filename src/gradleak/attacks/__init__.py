@@ -1,6 +1,7 @@
-"""Attacks registered by name: gradient matching (dlg, tag, cos) and exact recovery (exact)."""
+"""Attacks registered by name: gradient matching (dlg, tag, cos), exact recovery (exact) and its
+noise-robust variant (exact-robust)."""
 
-from gradleak.attacks import exact, matching  # noqa: F401  (register the attacks)
+from gradleak.attacks import exact, matching, robust  # noqa: F401  (register the attacks)
 from gradleak.attacks.base import (
     ATTACKS,
     Attack,

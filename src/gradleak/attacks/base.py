@@ -39,6 +39,7 @@ class AttackOptions:
     seed: int = 0
     force: bool = False  # run the exact attack even where its assumptions fail
     time_budget: float = 60.0  # seconds the exact attack's sequence assembly may take
+    prior: str = "smollm2"  # language prior that ranks candidate texts (attacks.prior; "none": no prior)
 
     def __post_init__(self) -> None:
         if self.iterations < 1:

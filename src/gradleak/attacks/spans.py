@@ -11,11 +11,14 @@ rows (a LayerNorm after the map makes its output gradients sum to zero), not the
 A perturbed update (noise added) has no such gap: `noisy_span_of` then keeps the singular values
 above the optimal hard threshold for a low-rank matrix in white noise of unknown level (Gavish &
 Donoho 2014, omega(beta) * median singular value), i.e. the rank is chosen by energy above the
-noise bulk rather than by a gap.
+noise bulk rather than by a gap. `weighted_span_of` keeps every direction above the bulk's edge
+instead, each weighted by the share of its energy that is signal, so that distances to it are scores
+rather than a test (the noise-robust exact attack's).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -110,3 +113,32 @@ def noisy_span_of(rows: torch.Tensor) -> Span:
     rank = max(1, int((s > cut).sum()))
     gap = float(s[rank - 1] / s[rank]) if rank < len(s) else float("inf")
     return Span(vh[:rank].T.contiguous(), rank, dim, gap)
+
+
+def bulk_edge_ratio(beta: float) -> float:
+    """The noise bulk's edge (1 + sqrt(beta)) over Gavish & Donoho's optimal hard threshold lambda*(beta)
+    (their eq. 11), both in units of sqrt(n) sigma: the edge is this times the threshold."""
+    lam = math.sqrt(2 * (beta + 1) + 8 * beta / ((beta + 1) + math.sqrt(beta * beta + 14 * beta + 1)))
+    return (1 + math.sqrt(beta)) / lam
+
+
+def weighted_span_of(rows: torch.Tensor) -> Span:
+    """The row span of a noisy `rows` (k, d) as a weighted basis: every right singular vector whose
+    singular value s passes the noise bulk's edge (estimated from the median singular value, as
+    `noisy_span_of`), scaled by sqrt(1 - edge^2 / s^2), the share of its energy above the noise. With
+    that basis `residual` is sqrt(1 - sum_k w_k (v_k . x)^2 / |x|^2): a score that falls smoothly as a
+    candidate aligns with strong directions, where a rank cut would count weak and strong alike. The
+    rank is at most half the width, so that `residual` reads the (scaled) basis, never its complement."""
+    rows = rows.to(torch.float64)
+    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
+    dim = rows.shape[1]
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return Span(torch.zeros(dim, 0, dtype=torch.float64), 0, dim, float("inf"))
+    beta = min(rows.shape) / max(rows.shape)
+    edge = bulk_edge_ratio(beta) * gavish_donoho_omega(beta) * float(s.median())
+    weights = (1 - (edge / s).pow(2)).clamp_min(0.0)
+    rank = max(1, min(int((weights > 0).sum()), dim // 2))
+    weights[0] = weights[0] if float(weights[0]) > 0 else 1.0  # nothing above the edge: the top one
+    gap = float(s[rank - 1] / s[rank]) if rank < len(s) else float("inf")
+    basis = vh[:rank].T * weights[:rank].sqrt()
+    return Span(basis.contiguous(), rank, dim, gap)

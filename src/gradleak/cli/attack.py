@@ -27,7 +27,7 @@ def attack(
     text_column: TextColumnOption = None,
     label_column: LabelColumnOption = None,
     batch_size: Annotated[int, typer.Option(help="Sentences in the private batch.")] = 1,
-    attack: Annotated[str, typer.Option("--attack", help="dlg, tag, cos or exact.")] = "tag",
+    attack: Annotated[str, typer.Option("--attack", help="dlg, tag, cos, exact or exact-robust.")] = "tag",
     iterations: Annotated[int, typer.Option(help="Optimisation steps of gradient-matching attacks.")] = 300,
     seed: Annotated[int, typer.Option(help="Seeds the model, the batch and the attack.")] = 0,
     task: Annotated[str, typer.Option(help="classify, or lm (next-token loss) for decoders.")] = "classify",

@@ -39,7 +39,7 @@ def fl(
     local_steps: Annotated[int, typer.Option(help="Local SGD steps K per round (FedAvg).")] = 1,
     local_lr: Annotated[float, typer.Option(help="Local SGD learning rate (known to the server).")] = 0.01,
     attack: Annotated[
-        str, typer.Option("--attack", help="The server's attack: exact, dlg, tag or cos.")
+        str, typer.Option("--attack", help="The server's attack: exact, exact-robust, dlg, tag or cos.")
     ] = "exact",
     iterations: Annotated[int, typer.Option(help="Optimisation steps of gradient-matching attacks.")] = 100,
     attack_lr: Annotated[float, typer.Option(help="Learning rate of gradient-matching attacks.")] = 0.01,

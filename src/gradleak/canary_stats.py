@@ -8,7 +8,7 @@ false-negative rate FNR with
 
     FPR + e^eps FNR >= 1 - delta   and   FNR + e^eps FPR >= 1 - delta
 
-(Kairouz, Oh & Viswanath 2015, Thm 2.1), so
+(Kairouz, Oh & Viswanath 2015, "The composition theorem for differential privacy"), so
 
     eps >= log((1 - delta - FNR) / FPR)   and   eps >= log((1 - delta - FPR) / FNR).
 
@@ -24,11 +24,16 @@ included) fixed before the trials it is evaluated on.
 Why many independent trials and not one run. Steinke, Nasr & Jagielski 2023 ("Privacy auditing with
 one (1) training run", NeurIPS) audit with m canaries, each included at random, in a single run, and
 bound epsilon from the number of correct guesses. It pays off where one run is expensive (training a
-model). Here one trial is one release of one client update, a second or so on CPU, so independent
-trials are cheap; and their bound is the tighter of the two for a given number of guesses (the
-one-run bound needs many canaries at once, which in a client batch of fixed size would mean several
-canaries per batch and a different mechanism from the one released in practice). Hence the classic
-procedure, with the one-run method left as a possible extension for multi-round training audits.
+model). Here one trial is one release of one client update, about a second on CPU, so independent
+trials are cheap; with independent trials the error counts are exactly binomial, so Clopper-Pearson
+applies as it stands; and each trial releases exactly the mechanism used in practice (one canary
+against one other sentence in a batch of fixed size), where one run with many canaries would put
+several into each client batch and audit a different mechanism. The one-run method is the natural
+extension for audits of multi-round training.
+
+Choosing the threshold. The rule's threshold must be fixed before the trials it is judged on. To
+tune it, run calibration trials under another seed (their trials are other draws), read the scores
+they report, and pass the threshold chosen there to the evaluation run.
 
 The ceiling. With n_in trials that hold the canary and n_out that do not, even a perfect test (no
 errors) certifies only `epsilon_ceiling(n_in, n_out, ...)`: roughly log(n / ln(2 / alpha)) for

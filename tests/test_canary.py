@@ -231,3 +231,43 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys, monkeypatch
     assert code == 2
     assert err.startswith("error:") and message in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_says_so_and_exits_1_when_the_lower_bound_exceeds_the_accountant(capsys, monkeypatch):
+    """The bug signal: a (made-up) result whose lower bound is above the accountant's epsilon."""
+    import gradleak.canary as canary
+
+    bad = canary.CanaryResult(
+        epsilon_lower=3.0,
+        epsilon_upper=1.0,
+        epsilon_upper_reason="",
+        epsilon_add_remove=0.5,
+        epsilon_ceiling=3.0,
+        confidence=0.95,
+        delta=DELTA,
+        accountant="rdp",
+        trials=200,
+        in_trials=100,
+        out_trials=100,
+        false_positives=0,
+        false_negatives=0,
+        fpr_upper=0.04,
+        fnr_upper=0.04,
+        refusals=0,
+        threshold=50.0,
+        canary=DEFAULT_CANARY,
+        victim="gpt2-tiny",
+        data="sst2",
+        batch_size=1,
+        attack="exact",
+        defenses=("dp-sgd:clip=1,multiplier=5",),
+        seed=0,
+        dtype="float64",
+        seconds=1.0,
+    )
+    assert not bad.consistent() and bad.to_json()["consistent"] is False
+    monkeypatch.setattr(canary, "run_canary_audit", lambda **kw: bad)
+    code, out, err = _cli(("privacy", "audit", "--json", "-"), capsys, monkeypatch)
+    assert code == 1
+    assert json.loads(out)["epsilon_lower"] == 3.0
+    assert "exceeds the rdp accountant's epsilon 1" in err and "bug" in err

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 import torch
@@ -84,7 +85,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = " ".join(sys.argv[1:])
+    command = shlex.join(sys.argv[1:])
 
     rows: dict[tuple[str, ...], list[object]] = {}
     inconsistent: list[str] = []

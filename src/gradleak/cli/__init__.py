@@ -6,7 +6,7 @@ this module assembles the typer app and `main`, the console script (`gradleak = 
     common.py      consoles, progress bars, JSON output, option types, logging, exit codes
     attack.py      gradleak attack
     training.py    gradleak train
-    privacy.py     gradleak privacy epsilon|calibrate
+    privacy.py     gradleak privacy epsilon|calibrate|audit (the canary audit)
     runs.py        gradleak sweep, report, audit
     conditions.py  gradleak conditions
     fl.py          gradleak fl (Flower)

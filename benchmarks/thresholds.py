@@ -91,6 +91,7 @@ def main() -> None:
                 max_words=args.max_words,
                 time_budget=args.time_budget,
                 utility=False,
+                canary_trials=0,  # the canary audit has its own benchmark (canary.py)
             )
             result = run_audit(spec, run_jobs)
             seconds = sum(r.finished - r.started for r in result.rows)  # each run's wall clock, as stored

@@ -96,6 +96,8 @@ def test_audit_command_end_to_end(tmp_path, capsys, monkeypatch):
         "--defense",
         "clip:norm=1",
         "--no-utility",
+        "--canary-trials",
+        "0",
     )
     code, stderr = main_in_process((*args, "--json", "audit.json"), capsys, monkeypatch)
     assert code == 0, stderr

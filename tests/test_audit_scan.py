@@ -4,6 +4,7 @@ in headless Chromium, and one small real `gradleak audit --json`."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -16,7 +17,16 @@ from _chromium import chromium_binary, load_page
 from _cli import main_in_process
 
 from gradleak import privacy
-from gradleak.audit import AuditSpec, bound_verdict, report_data, run_audit, threshold_verdict, verdict
+from gradleak.audit import (
+    AuditSpec,
+    bound_verdict,
+    canary_verdict,
+    report_data,
+    run_audit,
+    threshold_verdict,
+    verdict,
+)
+from gradleak.canary import CanaryResult
 from gradleak.defenses import DpSgd, parse_defense
 from gradleak.experiment import RunRecord
 from gradleak.metrics import Scores
@@ -72,14 +82,58 @@ def _scripted(jobs, stops_at: float = STOPS_AT):
     return rows
 
 
-SPEC = AuditSpec(rounds=10, sample_rate=0.1, utility_steps=3)
+SPEC = AuditSpec(rounds=10, sample_rate=0.1, utility_steps=3, canary_trials=0)
+
+# a canary audit as run_canary_audit returns it (its own tests are in test_canary.py)
+CANARY = CanaryResult(
+    epsilon_lower=0.0,
+    epsilon_upper=10.7,
+    epsilon_upper_reason="",
+    epsilon_add_remove=4.73,
+    epsilon_ceiling=1.1,
+    confidence=0.95,
+    delta=1e-5,
+    accountant="rdp",
+    trials=30,
+    in_trials=16,
+    out_trials=14,
+    false_positives=0,
+    false_negatives=16,
+    fpr_upper=0.3,
+    fnr_upper=1.0,
+    refusals=0,
+    threshold=50.0,
+    canary="a canary",
+    victim="gpt2-tiny",
+    data="sst2",
+    batch_size=4,
+    attack="exact",
+    defenses=("dp-sgd:clip=1,multiplier=1",),
+    seed=0,
+    dtype="float32",
+    seconds=1.0,
+)
 
 
 @pytest.fixture(scope="module")
 def audited():
-    result = run_audit(SPEC, _scripted)
+    result = dataclasses.replace(run_audit(SPEC, _scripted), canary=CANARY)
     data = report_data(result, load_report_data(list(result.rows), source="scripted"))
     return result, data
+
+
+def test_the_canary_audit_stands_beside_the_accountant(audited):
+    result, data = audited
+    assert data.canary is not None and data.canary.upper == 10.7 and data.canary.lower == 0.0
+    (line,) = canary_verdict(SPEC, result)
+    assert line.startswith("Canary audit (30 trials, the exact attack deciding whether the canary was in")
+    assert "16/16 missed, 0/14 false alarms" in line and "certifies no positive epsilon" in line
+    assert "the accountant's epsilon for the same release is 10.7 (rdp, replace-one" in line
+    broken = dataclasses.replace(CANARY, epsilon_lower=12.0, false_negatives=0)
+    (line,) = canary_verdict(SPEC, dataclasses.replace(result, canary=broken))
+    assert "proves epsilon >= 12" in line and line.endswith("a bug in the attack's audit or the accountant.")
+    (line,) = canary_verdict(SPEC, dataclasses.replace(result, canary=None, canary_error="too few"))
+    assert line == "Canary audit not run: too few."
 
 
 def test_the_scan_finds_the_threshold_and_its_epsilons(audited):
@@ -158,8 +212,8 @@ def test_a_leak_the_clip_alone_stops_has_no_noise_threshold():
 def test_the_audit_report_in_headless_chromium(audited, tmp_path):
     _, data = audited
     page = render(data, title="audit", verdict=["v"])
-    # where the leak stops, the bound, ROUGE against noise, training curves, the frontier
-    assert page.count('src="data:image/png;base64,') == 5
+    # where the leak stops, the bound, the canary audit, ROUGE against noise, training curves, the frontier
+    assert page.count('src="data:image/png;base64,') == 6
     if chromium_binary() is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
     pytest.importorskip("websocket", reason="websocket-client is not installed (the dev extra has it)")
@@ -167,13 +221,17 @@ def test_the_audit_report_in_headless_chromium(audited, tmp_path):
     path.write_text(page, encoding="utf-8")
     probes = {
         "images": "Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length",
-        "alts": "Array.from(document.images).map(i => i.alt).slice(0, 2)",
+        "alts": "Array.from(document.images).map(i => i.alt).slice(0, 3)",
     }
     loaded = load_page(path, probes, chromium_binary() or "chromium")
     assert loaded.errors == []
     assert loaded.probes == {
-        "images": 5,
-        "alts": ["Where the leak stops", "What ε promises about reconstruction"],
+        "images": 6,
+        "alts": [
+            "Where the leak stops",
+            "What ε promises about reconstruction",
+            "What the attack proves about ε",
+        ],
     }
     from matplotlib.image import imread
 
@@ -185,6 +243,7 @@ def test_gradleak_audit_json_has_thresholds_and_bounds(tmp_path, capsys, monkeyp
     """A real, small audit: the exact attack on gpt2-tiny, B = 1, two grid points and no bisection."""
     monkeypatch.chdir(tmp_path)
     args = ("audit", "--batch-size", "1", "--attack", "exact", "--bisect-steps", "0", "--no-utility")
+    args += ("--canary-trials", "12")
     code, stderr = main_in_process(
         (*args, "--rounds", "50", "--sample-rate", "0.01", "--json", "audit.json"), capsys, monkeypatch
     )
@@ -199,6 +258,11 @@ def test_gradleak_audit_json_has_thresholds_and_bounds(tmp_path, capsys, monkeyp
     assert all(r["measured_success"] == r["scores"]["exact_match"] / 100 for r in dp)
     assert not [r for r in out["runs"] if not r["spec"]["defenses"] and "reconstruction_bound" in r]
     assert any(line.startswith("The exact attack recovers 1/1 sentence") for line in out["verdict"])
+    canary = out["canary"]
+    assert canary["trials"] == 12 and canary["confidence"] == 0.95 and out["canary_error"] is None
+    assert 0 <= canary["epsilon_lower"] <= canary["epsilon_upper"]  # DP-SGD at z = 1: the attack sees nothing
+    assert canary["epsilon_upper"] == pytest.approx(privacy.epsilon(0.5, 1.0, 1, 1e-5, "rdp"))  # replace-one
+    assert any(line.startswith("Canary audit (12 trials") for line in out["verdict"])
     assert Path("gradleak-audit.html").exists()
 
 
@@ -211,6 +275,7 @@ def test_bad_audit_options_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
         (("--prior-success", "1"), "prior success"),
         (("--utility-steps", "0"), "utility steps"),
         (("--bisect-steps", "-1"), "bisection steps"),
+        (("--canary-trials", "5"), "the canary audit needs at least 11 trials"),
     ]:
         code, stderr = main_in_process(("audit", *args), capsys, monkeypatch)
         lines = stderr.strip().splitlines()

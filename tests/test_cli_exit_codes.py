@@ -93,13 +93,14 @@ def test_audit_counts_refusals_apart_from_failures(tmp_path, capsys, monkeypatch
         runs, "_run", lambda *a, **k: (Summary(total=2, done=0, skipped=0, failed=0, refused=2), [])
     )
     monkeypatch.chdir(tmp_path)
-    code, err = main_in_process(("audit", "--attack", "exact", "--batch-size", "1"), capsys, monkeypatch)
+    args = ("audit", "--attack", "exact", "--batch-size", "1", "--canary-trials", "0")
+    code, err = main_in_process(args, capsys, monkeypatch)
     assert code == 0, err
     assert "2 of 2 runs refused by the attack (results, not failures)" in err
     monkeypatch.setattr(
         runs, "_run", lambda *a, **k: (Summary(total=2, done=0, skipped=0, failed=1, refused=1), [])
     )
-    code, err = main_in_process(("audit", "--attack", "exact", "--batch-size", "1"), capsys, monkeypatch)
+    code, err = main_in_process(args, capsys, monkeypatch)
     assert code == 1, err
     assert "1 of 2 runs failed" in err and "1 refused by the attack" in err
 

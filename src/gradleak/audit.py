@@ -10,8 +10,9 @@ stops, and reports epsilon there for one round and for the deployment (`rounds` 
 rate `sample_rate`), and the held-out accuracy that noise costs in a short training run of the same
 victim against no noise. For every DP run it puts the reconstruction success the mechanism allows
 (`gradleak.rero`, at the prior `prior_success`) beside the measured success: the fraction of the
-batch's sentences recovered exactly. It stores every run and sums up in a verdict of plain
-sentences and an HTML report.
+batch's sentences recovered exactly. A canary audit of the audited defence (`gradleak.canary`,
+`canary_trials` trials) puts the epsilon the attack proves beside the accountant's. It stores every
+run and sums up in a verdict of plain sentences and an HTML report.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gradleak.sweeps.jobs import Job
 from gradleak.threshold import DEFAULT_BISECT, DEFAULT_LEAK_ROUGE, Knob, LeakCriterion, ThresholdScan
 
 if TYPE_CHECKING:  # the report's modules load matplotlib: only when a report is drawn
+    from gradleak.canary import CanaryProgress, CanaryResult
     from gradleak.report.data import AttackRun, ReportData
     from gradleak.store import StoredRun
 
@@ -43,6 +45,8 @@ DEFAULT_ROUNDS = 100
 DEFAULT_SAMPLE_RATE = 1.0
 DEFAULT_UTILITY_STEPS = 10
 DEFAULT_UTILITY_EVAL = 256
+DEFAULT_CANARY_TRIALS = 30  # the canary audit beside the accountant's epsilon (0: skip it)
+CANARY_CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class AuditSpec:
     utility_steps: int = DEFAULT_UTILITY_STEPS
     utility_eval: int = DEFAULT_UTILITY_EVAL
     prior_success: float | None = None  # None: one sentence out of the data set's candidates
+    canary_trials: int = DEFAULT_CANARY_TRIALS  # trials of the canary audit of the audited defence; 0: none
 
     def validate(self) -> None:
         from gradleak.privacy import check_delta, check_sample_rate
@@ -95,6 +100,21 @@ class AuditSpec:
             raise GradleakError(f"utility evaluation needs at least 1 sentence, got {self.utility_eval}")
         if self.prior_success is not None:
             check_prior(self.prior_success)
+        if self.canary_trials:
+            from gradleak.canary_stats import min_trials
+
+            least = min_trials(delta=self.delta, confidence=CANARY_CONFIDENCE)
+            if self.canary_trials < least:
+                raise GradleakError(
+                    f"the canary audit needs at least {least} trials to certify anything at "
+                    f"{CANARY_CONFIDENCE:.0%} confidence, got {self.canary_trials} (0 skips it)"
+                )
+
+    @property
+    def canary_attack(self) -> str:
+        """The attack that decides the canary trials: the exact attack where the audit runs it (cheap
+        and decisive), else the first attack."""
+        return "exact" if "exact" in self.attacks else self.attacks[0]
 
     def run_spec(self, attack: str, chain: tuple[str, ...]):  # -> gradleak.experiment.RunSpec
         from gradleak.experiment import RunSpec
@@ -274,6 +294,8 @@ class AuditResult:
     utility: Utility | None
     bound_curve: tuple[tuple[float, float], ...] = ()  # (one-round epsilon, bound) over the scanned range
     leak_rouge1: float = DEFAULT_LEAK_ROUGE
+    canary: CanaryResult | None = None  # the canary audit of the audited defence
+    canary_error: str = ""  # why there is no canary audit, when it was asked for and could not run
 
 
 def measured_success(record: dict[str, Any]) -> float:
@@ -336,7 +358,9 @@ def _deployment_epsilon(spec: AuditSpec, record: dict[str, Any]) -> float | None
     return eps if math.isfinite(eps) else None
 
 
-def run_audit(spec: AuditSpec, run_jobs: RunJobs) -> AuditResult:
+def run_audit(
+    spec: AuditSpec, run_jobs: RunJobs, canary_progress: CanaryProgress | None = None
+) -> AuditResult:
     """The whole audit: the plain and defended runs, each leaking attack's threshold scan, the training
     runs for utility, and the reconstruction bound of every DP run. `run_jobs` runs a list of jobs and
     returns their rows (in any order); the CLI passes one that stores them and shows progress."""
@@ -446,9 +470,55 @@ def run_audit(spec: AuditSpec, run_jobs: RunJobs) -> AuditResult:
     curve = bound_curve(
         spec, [m for r in rows.values() if r.record for m in (_mechanisms(r.record) or ())], prior
     )
+    canary, canary_error = _canary(spec, canary_progress)
     return AuditResult(
-        tuple(rows.values()), tuple(thresholds), knob, prior, bounds, utility, curve, spec.leak_rouge1
+        tuple(rows.values()),
+        tuple(thresholds),
+        knob,
+        prior,
+        bounds,
+        utility,
+        curve,
+        spec.leak_rouge1,
+        canary,
+        canary_error,
     )
+
+
+def _canary(spec: AuditSpec, progress: CanaryProgress | None) -> tuple[CanaryResult | None, str]:
+    """The canary audit (`gradleak.canary`) of the audited defence on the audit's victim, data and batch
+    size: the epsilon the attack proves, beside the accountant's. Its own refusals (a threat model it
+    cannot audit) come back as the reason, not as a failed audit."""
+    if not spec.canary_trials:
+        return None, ""
+    from gradleak.canary import run_canary_audit
+
+    try:
+        result = run_canary_audit(
+            victim=spec.victim,
+            data=spec.data,
+            text_column=spec.text_column,
+            label_column=spec.label_column,
+            batch_size=spec.batch_size,
+            attack=spec.canary_attack,
+            defenses=spec.defenses,
+            trials=spec.canary_trials,
+            seed=spec.seed,
+            device=spec.device,
+            delta=spec.delta,
+            accountant=spec.accountant,
+            confidence=CANARY_CONFIDENCE,
+            dtype="float32",  # as the audit's runs
+            max_words=spec.max_words,
+            iterations=spec.iterations,
+            time_budget=spec.time_budget,
+            knows=spec.knows,
+            progress=progress,
+        )
+    except GradleakError as e:
+        log.warning("canary audit not run: %s", e)
+        return None, str(e)
+    return result, ""
 
 
 def bound_curve(
@@ -578,11 +648,38 @@ def bound_verdict(result: AuditResult, data: ReportData, defenses: tuple[str, ..
     ]
 
 
+def canary_verdict(spec: AuditSpec, result: AuditResult) -> list[str]:
+    """What the canary audit proves about epsilon, beside what the accountant promises."""
+    if result.canary_error:
+        return [f"Canary audit not run: {result.canary_error}."]
+    c = result.canary
+    if c is None:
+        return []
+    upper = (
+        f"the accountant's epsilon for the same release is {c.epsilon_upper:.3g} ({c.accountant}, "
+        "replace-one: the canary takes another sentence's place)"
+        if c.epsilon_upper is not None
+        else f"the accountant gives no finite epsilon ({c.epsilon_upper_reason})"
+    )
+    proved = (
+        f"proves epsilon >= {c.epsilon_lower:.3g}" if c.epsilon_lower > 0 else "certifies no positive epsilon"
+    )
+    line = (
+        f"Canary audit ({c.trials} trials, the {c.attack} attack deciding whether the canary was in the "
+        f"batch: {c.false_negatives}/{c.in_trials} missed, {c.false_positives}/{c.out_trials} false "
+        f"alarms): it {proved} at {c.confidence:.0%} confidence (at most {c.epsilon_ceiling:.3g} with "
+        f"{c.trials} trials); {upper}."
+    )
+    if not c.consistent():
+        line += " The lower bound is above the upper one: a bug in the attack's audit or the accountant."
+    return [line]
+
+
 def report_data(result: AuditResult, data: ReportData) -> ReportData:
     """The report's data with the audit's thresholds and reconstruction bounds for its plots."""
     import dataclasses
 
-    from gradleak.report.data import BoundPoint, ThresholdMark
+    from gradleak.report.data import BoundPoint, CanaryMark, ThresholdMark
 
     leak = result.leak_rouge1
     marks = tuple(
@@ -601,4 +698,19 @@ def report_data(result: AuditResult, data: ReportData) -> ReportData:
         for r in data.attacks
         if r.key in result.bounds and r.epsilon is not None
     )
-    return dataclasses.replace(data, thresholds=marks, bounds=points, bound_curve=result.bound_curve)
+    canary = None
+    if result.canary is not None:
+        c = result.canary
+        canary = CanaryMark(
+            " -> ".join(c.defenses) or "none",
+            c.attack,
+            c.epsilon_lower,
+            c.epsilon_ceiling,
+            c.epsilon_upper,
+            c.accountant,
+            c.trials,
+            c.confidence,
+        )
+    return dataclasses.replace(
+        data, thresholds=marks, bounds=points, bound_curve=result.bound_curve, canary=canary
+    )

@@ -6,12 +6,14 @@ command runs. `sweep` and `audit` exit 1 when some run failed (a run the attack 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gradleak import audit as audit_defaults
@@ -22,6 +24,7 @@ from gradleak.cli.common import (
     LabelColumnOption,
     TextColumnOption,
     console_for,
+    err,
     failed_count,
     finish_runs,
     sweep_progress,
@@ -196,6 +199,13 @@ def audit(
             "without the update. Default 1 / (candidate sentences of the data set - B + 1)."
         ),
     ] = None,
+    canary_trials: Annotated[
+        int,
+        typer.Option(
+            help="Trials of the canary audit of the audited defence (the epsilon the attack proves, beside "
+            "the accountant's); 0 skips it."
+        ),
+    ] = audit_defaults.DEFAULT_CANARY_TRIALS,
     store: Annotated[
         str, typer.Option(help="Results store to keep the runs in; a re-run skips the finished ones.")
     ] = "gradleak-audit.sqlite",
@@ -234,6 +244,7 @@ def audit(
         utility_steps=utility_steps,
         utility_eval=utility_eval,
         prior_success=prior_success,
+        canary_trials=canary_trials,
     )
     spec.jobs()  # validates everything before any run
     if not out.parent.exists():
@@ -246,12 +257,14 @@ def audit(
         summaries.append(summary)
         return rows
 
-    result = audit_defaults.run_audit(spec, run_jobs)
+    with _trial_bar() as canary_progress:
+        result = audit_defaults.run_audit(spec, run_jobs, canary_progress)
     data_ = audit_defaults.report_data(result, load_report_data(list(result.rows), source=store))
     sentences = [
         *audit_defaults.verdict(spec, data_),
         *audit_defaults.threshold_verdict(spec, result, data_),
         *audit_defaults.bound_verdict(result, data_, spec.defenses),
+        *audit_defaults.canary_verdict(spec, result),
     ]
     path = write_report(
         out, data_, title=f"gradleak audit: {victim} on {data}, B={batch_size}", verdict=sentences
@@ -274,6 +287,8 @@ def audit(
                 },
                 "utility": None if result.utility is None else result.utility.to_json(),
                 "prior": {"kappa": result.prior.kappa, "why": result.prior.why},
+                "canary": None if result.canary is None else result.canary.to_json(),
+                "canary_error": result.canary_error or None,
                 "measured_success": "the fraction of the sentences recovered exactly (0-1)",
                 "runs": [
                     {**r.record, **result.bounds.get(r.key, {})}
@@ -288,6 +303,32 @@ def audit(
     failed, refused, total = failed_count(summaries)
     where = f"{_store_errors(store)} and the report {path}"
     finish_runs(failed, refused, total, where)
+
+
+@contextmanager
+def _trial_bar() -> Iterator[Callable[[int, int], None]]:
+    """A bar over the canary trials on stderr, shown from the first trial on."""
+    bar = Progress(
+        TextColumn("canary trials"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    task: list[TaskID] = []
+
+    def update(done: int, total: int) -> None:
+        if not task:
+            bar.start()
+            task.append(bar.add_task("trials", total=total))
+        bar.update(task[0], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        bar.stop()
 
 
 def _total(summaries: Sequence[Any]) -> dict[str, Any]:

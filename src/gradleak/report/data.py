@@ -143,6 +143,20 @@ class BoundPoint:
 
 
 @dataclass(frozen=True)
+class CanaryMark:
+    """A canary audit: the epsilon the attack certifies (a lower bound) against the accountant's."""
+
+    defence: str
+    attack: str
+    lower: float
+    ceiling: float  # the most these trials could certify
+    upper: float | None  # None: the accountant gives no finite epsilon
+    accountant: str
+    trials: int
+    confidence: float
+
+
+@dataclass(frozen=True)
 class ReportData:
     attacks: tuple[AttackRun, ...] = ()
     trains: tuple[TrainRun, ...] = ()
@@ -153,6 +167,7 @@ class ReportData:
     thresholds: tuple[ThresholdMark, ...] = ()  # an audit's threshold scan, one per attack
     bounds: tuple[BoundPoint, ...] = ()  # an audit's reconstruction bounds, one per DP run
     bound_curve: tuple[tuple[float, float], ...] = ()  # (one-round epsilon, bound): the bound as a curve
+    canary: CanaryMark | None = None  # an audit's canary audit: lower against upper epsilon
 
     def groups(self) -> list[Group]:
         return group_runs(self.attacks)

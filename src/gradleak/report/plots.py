@@ -414,6 +414,38 @@ def bound_plot(data: ReportData) -> Figure | None:
     return fig
 
 
+def canary_plot(data: ReportData) -> Figure | None:
+    """The canary audit: the epsilon the attack certifies (with the most its trials could certify)
+    against the accountant's upper bound, on one log axis."""
+    c = data.canary
+    if c is None:
+        return None
+    fig = Figure(figsize=(7, 2.8))
+    ax = fig.add_subplot()
+    finite = [v for v in (c.lower, c.ceiling, c.upper) if v is not None and v > 0]
+    left = min(finite) / 3 if finite else 0.1
+    right = max(finite) * 3 if finite else 10.0
+    lower = f"lower bound {c.lower:.3g}, {c.attack} attack ({c.trials} trials, {c.confidence:.0%})"
+    if c.lower > 0:
+        ax.barh([1], [c.lower - left], left=left, height=0.5, color="C3", alpha=0.7, label=lower)
+    else:
+        ax.text(left * 1.15, 1, f"{lower}: nothing certified", va="center", fontsize=9, color="C3")
+    ax.plot([c.ceiling], [1], "k|", markersize=20, label=f"the most {c.trials} trials can certify")
+    if c.upper is not None:
+        ax.barh([0], [c.upper - left], left=left, height=0.5, color="C0", alpha=0.7,
+                label=f"upper bound {c.upper:.3g}: {c.accountant} accountant")  # fmt: skip
+    else:
+        ax.text(left * 1.15, 0, f"accountant: {NO_DP}", va="center", fontsize=9, color="C0")
+    ax.set_xscale("log")
+    ax.set_xlim(left, right)
+    ax.set_ylim(-0.6, 1.6)
+    ax.set_yticks([0, 1], ["accountant", "canary audit"])
+    ax.set(xlabel="ε of one release (log; replace-one)", title=f"What the attack proves about ε: {c.defence}")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
+    return fig
+
+
 # ------------------------------------------------------------------ registry
 
 
@@ -442,6 +474,15 @@ PLOTS: tuple[Plot, ...] = (
         "κ (hypothesis-testing bound, Hayes, Mahloujifar & Balle 2023), and the success measured: the "
         "fraction of sentences recovered exactly.",
         "No reconstruction bounds in this store (gradleak audit computes them).",
+    ),
+    Plot(
+        "What the attack proves about ε",
+        canary_plot,
+        "Canary audit of the audited defence: over independent trials a canary sentence is in the batch or "
+        "not at random and the attack's reconstruction decides which; Clopper-Pearson limits on its two "
+        "error rates give a lower bound on ε (red; the tick: the most that many trials can certify), to "
+        "hold against the accountant's upper bound (blue) for the same release.",
+        "No canary audit in this store's report (gradleak audit runs one; gradleak privacy audit alone).",
     ),
     Plot(
         "ROUGE against batch size",

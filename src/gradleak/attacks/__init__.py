@@ -1,6 +1,6 @@
-"""Attacks registered by name: gradient matching (dlg, tag, cos) and exact recovery (exact)."""
+"""Attacks registered by name: gradient matching (dlg, tag, cos, lamp) and exact recovery (exact)."""
 
-from gradleak.attacks import exact, matching  # noqa: F401  (register the attacks)
+from gradleak.attacks import exact, lamp, matching  # noqa: F401  (register the attacks)
 from gradleak.attacks.base import (
     ATTACKS,
     Attack,

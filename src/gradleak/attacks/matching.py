@@ -55,6 +55,14 @@ def _cos(dummy: list[torch.Tensor], true: list[torch.Tensor], opts: AttackOption
     return 1.0 - dot / (nd * nt + 1e-30)
 
 
+def layerwise_cos(dummy: list[torch.Tensor], true: list[torch.Tensor], opts: AttackOptions) -> torch.Tensor:
+    """LAMP's cosine distance: 1 - cos per parameter tensor, averaged over the tensors, so that small
+    tensors count as much as large ones (`_cos` takes one cosine of the whole concatenated gradient,
+    which the largest tensors dominate)."""
+    total = sum(1.0 - (d * t).sum() / (d.norm() * t.norm() + 1e-30) for d, t in zip(dummy, true, strict=True))
+    return total / len(true)
+
+
 @dataclass(frozen=True)
 class Matching:
     """The gradient-matching problem of one update: the shared gradients to match, the sequences'

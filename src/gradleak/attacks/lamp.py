@@ -1,15 +1,21 @@
 """LAMP (Balunovic et al., NeurIPS 2022): gradient matching with discrete moves and a language prior.
 
-The continuous part is the cosine attack's (`matching.COS`: cosine distance between the dummy's and
-the shared gradient, plus the embedding-norm regulariser), on the same matching problem
-(`matching.prepare`: lengths and labels given or inferred, [CLS]/[SEP] kept fixed). LAMP adds:
+Two variants, as in the paper: `lamp` matches with LAMP's cosine distance (`matching.layerwise_cos`:
+1 - cosine per parameter tensor, averaged; the `cos` attack takes one cosine of the whole gradient,
+which the largest tensors dominate), `lamp-l1l2` with TAG's L2 + L1 distance; both add the
+embedding-norm regulariser (relative to the vocabulary's mean norm: LAMP's weight 1 at BERT-base's
+norm 1.4 is about `NORM_WEIGHT`) and work on the gradient-matching problem of `matching.prepare`
+(lengths and labels given or inferred, [CLS]/[SEP] kept fixed) with its optimiser
+(`matching.optimise`: Adam at `--attack-lr`, LAMP's 0.01 by default). LAMP adds:
 
 - a better start: `STARTS` random embeddings at the vocabulary's mean norm, the one of lowest
   gradient distance kept, then `STARTS` random orders of its free positions, the best kept;
 - discrete phases: every `EVERY` steps after the first `BURN_IN` of the run, each sequence in turn
   gets `CANDIDATES` reorderings of its free positions (swap two tokens, move a token, move a span,
-  reverse a span, put a prefix at the end; `propose`). Each is scored by its gradient distance plus
-  `prior_weight` times the prior's mean NLL per token (ln perplexity) of the candidate's text (its
+  reverse a span, put a prefix at the end; `propose`). Each is scored by its gradient distance
+  relative to the current order's (distances differ in scale by orders of magnitude across victims
+  and variants; LAMP tunes its prior weight per variant instead) plus `prior_weight` times the
+  prior's mean NLL per token (ln perplexity) of the candidate's text (its
   positions' nearest tokens, decoded); the lowest total is kept (the current order is a candidate,
   so a phase never raises the total). The prior reads detokenised text, so any causal LM serves any
   victim; only the `PRIOR_TOP` candidates of lowest gradient distance (and the current order) are
@@ -18,8 +24,6 @@ the shared gradient, plus the embedding-norm regulariser), on the same matching 
 
 LAMP's own code runs 2000 steps with 200 candidates every 75 steps and 500 starts on a GPU; the
 constants here are sized for a CPU (`--iterations` lengthens the run; the phases keep their spacing).
-LAMP's learning rate (0.01) and norm weight are for BERT-base embeddings of norm 1.4; here the
-learning rate is taken relative to the victim's mean embedding norm, and the norm term is relative.
 With `--prior none` the discrete phases rank by gradient distance alone.
 """
 

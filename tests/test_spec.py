@@ -36,7 +36,7 @@ def _names(cls) -> set[str]:
 def test_one_base_and_the_field_names_kept():
     assert issubclass(RunSpec, AttackSpec) and issubclass(FlSpec, AttackSpec)
     assert issubclass(TrainSpec, VictimSpec) and not issubclass(TrainSpec, AttackSpec)
-    assert _names(RunSpec) == RUN_FIELDS | {"text_column", "label_column", "peft", "local_batch"}
+    assert _names(RunSpec) == RUN_FIELDS | {"text_column", "label_column", "peft", "local_batch", "prior"}
     shared = _names(VictimSpec)
     assert all(shared <= _names(cls) for cls in ALL)
     # each keeps its own defaults

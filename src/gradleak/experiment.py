@@ -104,6 +104,7 @@ class RunRecord:
             "inferred_labels": None if self.inferred_labels is None else list(self.inferred_labels),
             "notes": list(self.notes),
             "defenses": list(self.spec.defenses),
+            "prior": self.spec.prior if self.spec.uses_prior() else None,  # the language prior read
             "privacy": None if self.privacy is None else self.privacy.to_json(),
             # what the attack was given besides the update
             "knowledge": (self.knows or self.spec.knows()).to_json(),

@@ -22,6 +22,10 @@ from gradleak.knowledge import Knows
 
 _KNOWS = Knows()
 KEYED_WHEN_SET = "keyed_when_set"  # field metadata: the store's key holds the field only when set
+# field metadata: the name of a spec method; where it returns False the field is left out of the key
+# (an option no part of the run reads: `prior` for an attack that reads no prior)
+KEYED_IF = "keyed_if"
+DEFAULT_PRIOR = "smollm2"  # = gradleak.attacks.prior.DEFAULT_PRIOR (not imported: that loads torch)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,9 @@ class AttackSpec(VictimSpec):
     known_batch_size: bool = _KNOWS.batch_size
     known_lengths: bool = _KNOWS.lengths
     known_labels: bool = _KNOWS.labels
+    # the language prior of the attacks that read one (lamp, exact-robust): a causal LM (smollm2,
+    # gpt2-tiny, a model directory, ...) or "none"; in the store's key only when set and read by the attack
+    prior: str = field(default=DEFAULT_PRIOR, metadata={KEYED_WHEN_SET: True, KEYED_IF: "uses_prior"})
 
     def validate_attack(self) -> None:
         """The shared checks, then the attack's name and options."""
@@ -109,6 +116,9 @@ class AttackSpec(VictimSpec):
             raise GradleakError(f"local learning rate must be a finite number > 0, got {self.local_lr}")
         get_attack(self.attack)
         self.options()  # iterations, learning rate, optimiser
+        from gradleak.attacks.prior import check_prior_name
+
+        check_prior_name(self.prior)
 
     def options(self):  # -> gradleak.attacks.AttackOptions
         from gradleak.attacks import AttackOptions
@@ -120,7 +130,14 @@ class AttackSpec(VictimSpec):
             seed=self.seed,
             force=self.force,
             time_budget=self.time_budget,
+            prior=self.prior,
         )
+
+    def uses_prior(self) -> bool:
+        """Whether the attack reads the language prior (`prior`)."""
+        from gradleak.attacks import get_attack
+
+        return bool(getattr(get_attack(self.attack), "uses_prior", False))
 
     def knows(self) -> Knows:
         """Which facts of the batch the attack is given."""

@@ -80,6 +80,8 @@ def canonical(spec: Any) -> str:
         for f in fields(spec):  # fields added later stay out of the key while at their default
             if f.metadata.get("keyed_when_set") and payload.get(f.name) == f.default:
                 del payload[f.name]
+            elif f.metadata.get("keyed_if") and not getattr(spec, f.metadata["keyed_if"])():
+                del payload[f.name]  # set, but read by no part of this run
         for k in _float_fields(type(spec)):
             if isinstance(payload.get(k), int) and not isinstance(payload[k], bool):
                 payload[k] = float(payload[k])

@@ -372,6 +372,12 @@ def check_victim_name(name: str) -> None:
     family_size(name)
 
 
+def check_loadable(name: str) -> None:
+    """Fail, with the reason, where `name` names no model `load_victim` could load (a preset, a
+    parametric name, a model directory, a Hub id); builds nothing."""
+    _builder(name)
+
+
 def _builder(name: str) -> Builder:
     if name in PRESETS:
         return PRESETS[name]

@@ -1,7 +1,7 @@
-"""Attacks registered by name: gradient matching (dlg, tag, cos), exact recovery (exact) and its
-noise-robust variant (exact-robust)."""
+"""Attacks registered by name: gradient matching (dlg, tag, cos, lamp, lamp-l1l2), exact recovery
+(exact) and its noise-robust variant (exact-robust)."""
 
-from gradleak.attacks import exact, matching, robust  # noqa: F401  (register the attacks)
+from gradleak.attacks import exact, lamp, matching, robust  # noqa: F401  (register the attacks)
 from gradleak.attacks.base import (
     ATTACKS,
     Attack,

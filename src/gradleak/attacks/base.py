@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from gradleak.attacks.prior import DEFAULT_PRIOR
 from gradleak.client import Update
 from gradleak.errors import GradleakError, Refusal
 from gradleak.victims import Victim
@@ -39,7 +40,8 @@ class AttackOptions:
     seed: int = 0
     force: bool = False  # run the exact attack even where its assumptions fail
     time_budget: float = 60.0  # seconds the exact attack's sequence assembly may take
-    prior: str = "smollm2"  # language prior that ranks candidate texts (attacks.prior; "none": no prior)
+    prior: str = DEFAULT_PRIOR  # language prior of the attacks that read one (lamp, exact-robust), or "none"
+    prior_weight: float = 0.5  # lamp: weight of the prior's NLL per token against the relative distance
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -48,6 +50,8 @@ class AttackOptions:
             raise GradleakError(f"attack learning rate must be positive, got {self.learning_rate}")
         if self.optimizer not in ("adam", "lbfgs"):
             raise GradleakError(f"unknown optimizer {self.optimizer!r}; choose adam or lbfgs")
+        if not self.prior_weight >= 0:
+            raise GradleakError(f"prior weight must be a number >= 0, got {self.prior_weight}")
 
 
 @dataclass(frozen=True)

@@ -87,11 +87,17 @@ def check_prior_name(name: str) -> None:
     """Fails early, with the reason, on a prior that cannot be a causal language model."""
     if name == NO_PRIOR:
         return
-    from gradleak.victims import check_victim_name
+    from gradleak.victims import check_loadable, family_size
 
-    if name in ("bert-tiny", "minilm", "minilm-random"):
+    if name in ("bert-tiny", "minilm", "minilm-random") or (family_size(name) or ("",))[0] == "bert-random":
         raise GradleakError(f"prior {name!r} is an encoder, not a language model; give a causal LM or 'none'")
-    check_victim_name(name)
+    try:
+        check_loadable(name)
+    except GradleakError:
+        raise GradleakError(
+            f"unknown prior {name!r}: give none, a causal-LM preset (smollm2, gpt2-tiny, gpt2-wide), "
+            "gpt2-random:layers=L,hidden=H,heads=N, a model directory or a Hub id"
+        ) from None
 
 
 @functools.lru_cache(maxsize=2)

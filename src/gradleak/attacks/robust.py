@@ -92,6 +92,7 @@ NO_SIGNAL = 0.9  # mean null-normalised distance of the best beam above which no
 
 class RobustExactAttack:
     name = "exact-robust"
+    uses_prior: bool = True  # the run spec's `prior` ranks its beams (and is part of its run's key)
 
     def reconstruct(
         self,

@@ -27,7 +27,9 @@ def attack(
     text_column: TextColumnOption = None,
     label_column: LabelColumnOption = None,
     batch_size: Annotated[int, typer.Option(help="Sentences in the private batch.")] = 1,
-    attack: Annotated[str, typer.Option("--attack", help="dlg, tag, cos, exact or exact-robust.")] = "tag",
+    attack: Annotated[
+        str, typer.Option("--attack", help="dlg, tag, cos, lamp, lamp-l1l2, exact or exact-robust.")
+    ] = "tag",
     iterations: Annotated[int, typer.Option(help="Optimisation steps of gradient-matching attacks.")] = 300,
     seed: Annotated[int, typer.Option(help="Seeds the model, the batch and the attack.")] = 0,
     task: Annotated[str, typer.Option(help="classify, or lm (next-token loss) for decoders.")] = "classify",
@@ -50,6 +52,13 @@ def attack(
     ] = None,
     attack_lr: Annotated[float, typer.Option(help="Learning rate of gradient-matching attacks.")] = 0.01,
     optimizer: Annotated[str, typer.Option(help="adam or lbfgs.")] = "adam",
+    prior: Annotated[
+        str,
+        typer.Option(
+            help="Language prior of lamp's discrete moves: smollm2, any causal LM (gpt2-tiny, a model "
+            "directory, ...), or none. Other attacks ignore it."
+        ),
+    ] = "smollm2",
     knows: KnowsOption = DEFAULT_KNOWS,
     share: Annotated[
         list[str] | None,
@@ -122,6 +131,7 @@ def attack(
         local_batch=local_batch,
         attack_lr=attack_lr,
         optimizer=optimizer,
+        prior=prior,
         force=force,
         time_budget=time_budget,
         defenses=tuple(defense or ()),
@@ -175,5 +185,7 @@ def _show_record(record) -> None:
         out.print(f"defences {describe(record.spec.defense_chain())}: {privacy}")
     if record.labels is not None:
         out.print(f"labels {list(record.labels)}, inferred {record.inferred_labels}")
+    if record.spec.uses_prior():
+        out.print(f"language prior: {record.spec.prior}")
     for note in record.notes:
         out.print(f"note: {note}")

@@ -1,0 +1,288 @@
+"""LAMP (Balunovic et al., NeurIPS 2022): gradient matching with discrete moves and a language prior.
+
+Two variants, as in the paper: `lamp` matches with LAMP's cosine distance (`matching.layerwise_cos`:
+1 - cosine per parameter tensor, averaged; the `cos` attack takes one cosine of the whole gradient,
+which the largest tensors dominate), `lamp-l1l2` with TAG's L2 + L1 distance; both add the
+embedding-norm regulariser (relative to the vocabulary's mean norm: LAMP's weight 1 at BERT-base's
+norm 1.4 is about `NORM_WEIGHT`) and work on the gradient-matching problem of `matching.prepare`
+(lengths and labels given or inferred, [CLS]/[SEP] kept fixed) with its optimiser
+(`matching.optimise`: Adam at `--attack-lr`, LAMP's 0.01 by default). LAMP adds:
+
+- a better start: `STARTS` random embeddings at the vocabulary's mean norm, the one of lowest
+  gradient distance kept, then `STARTS` random orders of its free positions, the best kept;
+- discrete phases: every `EVERY` steps after the first `BURN_IN` of the run, each sequence in turn
+  gets `CANDIDATES` reorderings of its free positions (swap two tokens, move a token, move a span,
+  reverse a span, put a prefix at the end; `propose`). Each is scored by its gradient distance
+  relative to the current order's (distances differ in scale by orders of magnitude across victims
+  and variants; LAMP tunes its prior weight per variant instead) plus `prior_weight` times the
+  prior's mean NLL per token (ln perplexity) of the candidate's text (its
+  positions' nearest tokens, decoded); the lowest total is kept (the current order is a candidate,
+  so a phase never raises the total). The prior reads detokenised text, so any causal LM serves any
+  victim; only the `PRIOR_TOP` candidates of lowest gradient distance (and the current order) are
+  read by the prior, which costs more than a gradient on small victims;
+- the final pick: the dummy of lowest objective seen and the last one, whichever has the lower total.
+
+LAMP's own code runs 2000 steps with 200 candidates every 75 steps and 500 starts on a GPU; the
+constants here are sized for a CPU (`--iterations` lengthens the run; the phases keep their spacing).
+With `--prior none` the discrete phases rank by gradient distance alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gradleak.attacks.base import AttackOptions, Knowledge, Progress, Reconstruction, register
+from gradleak.attacks.matching import TAG, Distance, Matching, layerwise_cos, optimise, prepare
+from gradleak.attacks.prior import LanguagePrior, load_prior
+from gradleak.attacks.tokens import decode
+from gradleak.client import Update
+from gradleak.victims import Victim
+
+log = logging.getLogger(__name__)
+
+STARTS = 32  # random starts (and then random orders of the best), each one gradient evaluation
+EVERY = 50  # steps between discrete phases
+BURN_IN = 0.1  # no discrete phase in this first fraction of the run
+CANDIDATES = 48  # reorderings of one sequence per phase (the current order included)
+PRIOR_TOP = 12  # of those, the prior reads this many of lowest gradient distance (and the current)
+NORM_WEIGHT = 2.0  # weight of the relative norm term: LAMP's 1.0 at BERT-base's norm 1.4, i.e. 1.96
+
+MOVES = ("swap", "move-token", "move-span", "reverse-span", "prefix-to-end")
+
+
+# --- the moves: permutations of n free positions (order[k] = the old position now at k) ---
+
+
+def swap(n: int, i: int, j: int) -> tuple[int, ...]:
+    order = list(range(n))
+    order[i], order[j] = order[j], order[i]
+    return tuple(order)
+
+
+def move_token(n: int, i: int, j: int) -> tuple[int, ...]:
+    """The token at i taken out and put back in at j (of the remaining n - 1)."""
+    order = [k for k in range(n) if k != i]
+    order.insert(j, i)
+    return tuple(order)
+
+
+def move_span(n: int, begin: int, end: int, at: int) -> tuple[int, ...]:
+    """The span [begin, end) taken out and put back in at `at` (of the remaining n - (end - begin))."""
+    rest = [k for k in range(n) if not begin <= k < end]
+    return tuple(rest[:at] + list(range(begin, end)) + rest[at:])
+
+
+def reverse_span(n: int, begin: int, end: int) -> tuple[int, ...]:
+    return tuple(list(range(begin)) + list(range(end - 1, begin - 1, -1)) + list(range(end, n)))
+
+
+def prefix_to_end(n: int, i: int) -> tuple[int, ...]:
+    """The first i tokens moved behind the rest."""
+    return tuple(list(range(i, n)) + list(range(i)))
+
+
+def random_move(kind: str, n: int, gen: torch.Generator) -> tuple[int, ...]:
+    def pick(high: int) -> int:  # uniform in [0, high)
+        return int(torch.randint(high, (1,), generator=gen))
+
+    if kind == "swap":
+        return swap(n, pick(n), pick(n))
+    if kind == "move-token":
+        return move_token(n, pick(n), pick(n))
+    if kind == "prefix-to-end":
+        return prefix_to_end(n, pick(n))
+    begin, end = sorted((pick(n + 1), pick(n + 1)))
+    if kind == "reverse-span":
+        return reverse_span(n, begin, end)
+    return move_span(n, begin, end, pick(n - (end - begin) + 1))
+
+
+def propose(n: int, count: int, gen: torch.Generator) -> list[tuple[int, ...]]:
+    """Up to `count` distinct reorderings of n positions, the identity first, then the moves in turn
+    (a fixed number of tries: short sequences have fewer distinct ones)."""
+    found = [tuple(range(n))]
+    seen = set(found)
+    for attempt in range(4 * count):
+        if len(found) >= count:
+            break
+        order = random_move(MOVES[attempt % len(MOVES)], n, gen)
+        if order not in seen:
+            seen.add(order)
+            found.append(order)
+    return found
+
+
+def choose(distances: Sequence[float], priors: dict[int, float], weight: float) -> int:
+    """The candidate of lowest total among those the prior scored: its gradient distance relative to
+    the first candidate's (the current order), plus weight * its prior NLL."""
+    return min(priors, key=lambda k: (total(distances[k], distances[0], priors[k], weight), k))
+
+
+def total(distance: float, reference: float, nll: float, weight: float) -> float:
+    """A candidate's score: gradient distance over a reference distance (the current order's: the
+    distances of cosine and L1+L2 matching differ in scale by orders of magnitude from one victim to
+    the next; the ratio does not), plus weight * the prior's mean NLL per token."""
+    return distance / max(reference, 1e-30) + weight * nll
+
+
+@dataclass
+class _Scorer:
+    """Scores candidate dummies of one problem: gradient distance, and the prior's NLL of the texts
+    (cached: the current order recurs in every phase)."""
+
+    problem: Matching
+    measure: Distance
+    prior: LanguagePrior | None
+    weight: float
+    options: AttackOptions
+    cache: dict[str, float]
+
+    def distance(self, dummy: torch.Tensor) -> float:
+        grads = self.problem.gradients(dummy, create_graph=False)
+        return float(self.measure(grads, list(self.problem.true), self.options))
+
+    def nll(self, texts: list[str]) -> list[float]:
+        if self.prior is None:
+            return [0.0] * len(texts)
+        todo = sorted({t for t in texts if t not in self.cache})
+        if todo:
+            for text, value in zip(todo, self.prior.nll(todo).tolist(), strict=True):
+                self.cache[text] = value
+        return [self.cache[t] for t in texts]
+
+    def text(self, dummy: torch.Tensor, row: int) -> str:
+        ids = self.problem.token_rows(self.problem.nearest(dummy))[row]
+        return decode(self.problem.victim, [ids])[0]
+
+    def distance_and_nll(self, dummy: torch.Tensor) -> tuple[float, float]:
+        """Gradient distance, and the prior's mean NLL over the batch's texts."""
+        nll = self.nll([self.text(dummy, i) for i in range(len(self.problem.lengths))])
+        return self.distance(dummy), sum(nll) / len(nll)
+
+
+def _free(problem: Matching, row: int) -> torch.Tensor:
+    """The positions of sequence `row` the attack chooses (inside its length, not the template's)."""
+    return torch.nonzero(problem.mask[row].bool() & ~problem.fixed[row]).flatten()
+
+
+def _reordered(dummy: torch.Tensor, row: int, free: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    out = dummy.detach().clone()
+    out[row, free] = dummy.detach()[row, free[list(order)]]
+    return out
+
+
+@dataclass
+class PhaseResult:
+    dummy: torch.Tensor
+    moved: int  # sequences whose order changed
+    before: float  # the total of the phase's start (the mean over sequences)
+    after: float
+
+
+def discrete_phase(scorer: _Scorer, dummy: torch.Tensor, gen: torch.Generator) -> PhaseResult:
+    """Each sequence in turn: `CANDIDATES` reorderings of its free positions, the lowest distance +
+    weight * NLL among the `PRIOR_TOP` of lowest distance (and the current order) kept."""
+    problem = scorer.problem
+    current = dummy.detach().clone()
+    moved, before, after = 0, 0.0, 0.0
+    for row in range(len(problem.lengths)):
+        free = _free(problem, row)
+        if len(free) < 2:
+            continue
+        orders = propose(len(free), CANDIDATES, gen)
+        dummies = [_reordered(current, row, free, order) for order in orders]
+        distances = [scorer.distance(d) for d in dummies]
+        ranked = sorted(range(1, len(orders)), key=lambda k: distances[k])[:PRIOR_TOP]
+        read = [0, *ranked]  # the current order is always scored
+        nll = scorer.nll([scorer.text(dummies[k], row) for k in read])
+        priors = dict(zip(read, nll, strict=True))
+        best = choose(distances, priors, scorer.weight)
+        before += total(distances[0], distances[0], priors[0], scorer.weight)
+        after += total(distances[best], distances[0], priors[best], scorer.weight)
+        if best != 0:
+            moved += 1
+            current = dummies[best]
+    rows = max(1, len(problem.lengths))
+    return PhaseResult(current, moved, before / rows, after / rows)
+
+
+def initial_dummy(problem: Matching, scorer: _Scorer, gen: torch.Generator) -> torch.Tensor:
+    """LAMP's start: random embeddings at the vocabulary's mean norm, the lowest gradient distance of
+    `STARTS` kept, then the lowest of `STARTS` random orders of each sequence's free positions."""
+    starts = problem.random_dummy(gen, STARTS)
+    starts = starts / starts.norm(dim=-1, keepdim=True).clamp_min(1e-12) * problem.mean_norm
+    distances = [scorer.distance(s) for s in starts]
+    best = int(torch.tensor(distances).argmin())
+    dummy, value = starts[best].clone(), distances[best]
+    for _ in range(STARTS):
+        trial = dummy.clone()
+        for row in range(len(problem.lengths)):
+            free = _free(problem, row)
+            trial = _reordered(trial, row, free, torch.randperm(len(free), generator=gen).tolist())
+        d = scorer.distance(trial)
+        if d < value:
+            dummy, value = trial, d
+    return dummy
+
+
+@dataclass(frozen=True)
+class Lamp:
+    name: str
+    distance: Distance  # of the continuous steps and of the candidates
+    uses_prior: bool = True  # the run spec's `prior` is this attack's (and part of its run's key)
+
+    def reconstruct(
+        self,
+        victim: Victim,
+        update: Update,
+        knowledge: Knowledge,
+        options: AttackOptions,
+        progress: Progress | None = None,
+    ) -> Reconstruction:
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(options.seed)
+        problem = prepare(self.name, victim, update, knowledge, gen)
+        # the prior is the attacker's fixed model: seed 0 whatever the run's seed
+        prior = load_prior(options.prior, device=str(victim.device), seed=0)
+        weight = options.prior_weight if prior is not None else 0.0
+        scorer = _Scorer(problem, self.distance, prior, weight, options, {})
+        dummy = initial_dummy(problem, scorer, gen)
+        norm_scale = NORM_WEIGHT / problem.mean_norm**2
+
+        def objective(d: torch.Tensor) -> torch.Tensor:
+            grads = problem.gradients(d, create_graph=True)
+            return self.distance(grads, list(problem.true), options) + norm_scale * problem.norm_penalty(d)
+
+        phases: list[PhaseResult] = []
+
+        def after_step(step: int, d: torch.Tensor) -> None:
+            if step + 1 < BURN_IN * options.iterations or (step + 1) % EVERY:
+                return
+            result = discrete_phase(scorer, d, gen)
+            phases.append(result)
+            with torch.no_grad():
+                d.copy_(result.dummy)
+
+        best, trace = optimise(problem, dummy, objective, options, progress, after_step)
+        last = dummy.detach()
+        ends = [scorer.distance_and_nll(d) for d in (best, last)]
+        reference = min(d for d, _ in ends)
+        totals = [total(d, reference, nll, weight) for d, nll in ends]
+        final = best if totals[0] <= totals[1] else last
+        prior_name = prior.name if prior is not None else "none"
+        notes = (
+            f"prior {prior_name}"
+            + (f" (weight {options.prior_weight:g} on its mean NLL per token)" if prior is not None else ""),
+            f"{len(phases)} discrete phases, {sum(p.moved for p in phases)} reorderings kept",
+        )
+        log.info("lamp: %s; final total %.4f", "; ".join(notes), min(totals))
+        return problem.reconstruction(final, trace, start, notes)
+
+
+LAMP = register(Lamp("lamp", layerwise_cos))
+LAMP_L1L2 = register(Lamp("lamp-l1l2", TAG.distance))

@@ -1,0 +1,178 @@
+"""LAMP (`--attack lamp`): the discrete moves, the candidates' ranking, a phase that never raises the
+score it optimises, and runs end to end through `run_one` and the CLI, with and without a prior."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gradleak.attacks import AttackOptions, Knowledge, get_attack
+from gradleak.attacks.lamp import (
+    MOVES,
+    _Scorer,
+    choose,
+    discrete_phase,
+    move_span,
+    move_token,
+    prefix_to_end,
+    propose,
+    random_move,
+    reverse_span,
+    swap,
+    total,
+)
+from gradleak.attacks.matching import layerwise_cos, prepare
+from gradleak.attacks.prior import load_prior
+from gradleak.client import fedsgd
+from gradleak.errors import GradleakError
+from gradleak.experiment import RunSpec, run_one
+from gradleak.store import canonical
+from tests._cli import main_in_process
+
+# ------------------------------------------------------------------ the moves
+
+
+def test_moves_are_the_claimed_permutations():
+    assert swap(5, 1, 3) == (0, 3, 2, 1, 4)
+    assert swap(3, 2, 2) == (0, 1, 2)
+    assert move_token(5, 0, 4) == (1, 2, 3, 4, 0)  # the first token to the end
+    assert move_token(5, 4, 1) == (0, 4, 1, 2, 3)
+    assert move_span(6, 1, 3, 2) == (0, 3, 1, 2, 4, 5)  # [1, 3) put back after two of the rest
+    assert move_span(6, 3, 6, 0) == (3, 4, 5, 0, 1, 2)
+    assert reverse_span(5, 1, 4) == (0, 3, 2, 1, 4)
+    assert prefix_to_end(5, 2) == (2, 3, 4, 0, 1)
+    words = ["a", "b", "c", "d", "e"]
+    assert [words[k] for k in move_span(5, 0, 2, 3)] == ["c", "d", "e", "a", "b"]
+
+
+@pytest.mark.parametrize("kind", MOVES)
+def test_random_moves_are_permutations(kind):
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7):
+        for _ in range(20):
+            assert sorted(random_move(kind, n, gen)) == list(range(n))
+
+
+def test_propose_gives_distinct_orders_identity_first():
+    orders = propose(6, 40, torch.Generator().manual_seed(1))
+    assert orders[0] == tuple(range(6))
+    assert 30 <= len(orders) <= 40 and len(set(orders)) == len(orders)  # a fixed number of tries
+    assert all(sorted(o) == list(range(6)) for o in orders)
+    assert propose(2, 40, torch.Generator().manual_seed(1)) == [(0, 1), (1, 0)]  # all there are
+
+
+def test_lower_distance_plus_prior_wins():
+    distances = [1.0, 0.9, 0.5, 0.1]
+    priors = {0: 5.0, 1: 3.0, 2: 6.0}  # candidate 3 was not read by the prior: it cannot win
+    # totals (distance over the current order's, + 0.5 * NLL): 3.5, 2.4, 3.5
+    assert choose(distances, priors, 0.5) == 1
+    assert total(0.9, 1.0, 3.0, 0.5) == pytest.approx(2.4)
+    assert choose(distances, priors, 0.0) == 2  # no prior: the lowest distance
+    assert choose(distances, {0: 1.0}, 0.5) == 0  # only the current order: it stays
+
+
+# ------------------------------------------------------------------ the attack
+
+
+@pytest.fixture(scope="module")
+def tiny_prior():
+    return load_prior("gpt2-tiny")
+
+
+def test_a_discrete_phase_never_raises_its_score(bert_tiny, make_victim_batch, tiny_prior):
+    batch = make_victim_batch(bert_tiny, "cola", 2, 3, max_words=8)
+    update = fedsgd(bert_tiny, batch)
+    gen = torch.Generator().manual_seed(0)
+    knowledge = Knowledge(batch_size=2, lengths=batch.lengths, labels=tuple(batch.labels.tolist()))
+    problem = prepare("lamp", bert_tiny, update, knowledge, gen)
+    scorer = _Scorer(problem, layerwise_cos, tiny_prior, 0.5, AttackOptions(prior="gpt2-tiny"), {})
+    dummy = problem.random_dummy(gen)
+    phases = []
+    for _ in range(3):
+        result = discrete_phase(scorer, dummy, gen)
+        phases.append((result.before, result.after, result.moved))
+        assert result.after <= result.before + 1e-12
+        for row, n in enumerate(problem.lengths):  # the row's free positions reordered, nothing else
+            assert torch.equal(
+                result.dummy[row, 1 : n - 1].sort(dim=0).values, dummy[row, 1 : n - 1].sort(dim=0).values
+            )
+            assert torch.equal(result.dummy[row, n - 1 :], dummy[row, n - 1 :])  # [SEP] and padding
+        dummy = result.dummy
+    # measured (bert-tiny, seed 0, the gpt2-tiny prior): the first two phases reorder and lower the
+    # total (relative distance + 0.5 * NLL), the third finds nothing better and keeps the order
+    assert [moved for _, _, moved in phases] == [2, 1, 0]
+    assert phases[0][:2] == pytest.approx((6.4766, 6.3127), abs=1e-3)
+    assert phases[2][0] == phases[2][1]
+
+
+def test_lamp_end_to_end_with_a_prior_recovers_a_short_sentence():
+    spec = RunSpec(
+        victim="bert-tiny", data="cola", attack="lamp-l1l2", iterations=100, seed=103, prior="gpt2-tiny"
+    )
+    record = run_one(spec)
+    assert record.references == ("john wants to leave",)
+    assert record.scores.rouge1 == pytest.approx(100.0)
+    out = record.to_json()
+    assert out["prior"] == "gpt2-tiny" and out["spec"]["prior"] == "gpt2-tiny"
+    assert "prior gpt2-tiny (weight 0.5 on its mean NLL per token)" in record.notes
+    assert "2 discrete phases" in record.notes[-1]
+
+
+def test_lamp_without_a_prior(bert_tiny, make_victim_batch):
+    batch = make_victim_batch(bert_tiny, "cola", 1, 0, max_words=6)
+    rec = get_attack("lamp").reconstruct(
+        bert_tiny,
+        fedsgd(bert_tiny, batch),
+        Knowledge(batch_size=1),
+        AttackOptions(iterations=50, prior="none"),
+    )
+    assert len(rec.trace) == 50 and rec.token_ids[0][0] == bert_tiny.tokenizer.cls_token_id
+    assert len(rec.token_ids[0]) == batch.lengths[0]  # inferred from the position gradient
+    assert "prior none" in rec.notes and "1 discrete phases" in rec.notes[-1]
+
+
+def test_the_prior_is_keyed_only_where_the_attack_reads_it():
+    def key(**kw) -> dict:
+        return json.loads(canonical(RunSpec(**kw)))
+
+    assert "prior" not in key(attack="lamp")  # the default: keys of older runs hold
+    assert key(attack="lamp", prior="none")["prior"] == "none"
+    assert "prior" not in key(attack="tag", prior="none")  # tag reads no prior
+    with pytest.raises(GradleakError, match="prior weight"):
+        AttackOptions(prior_weight=-1.0)
+
+
+def test_a_sweep_grid_takes_the_prior():
+    from gradleak.sweeps.grid import parse_plan
+
+    plan = parse_plan(
+        {"grid": {"attack": ["lamp"], "prior": ["smollm2", "none"]}, "fixed": {"iterations": 5}}
+    )
+    assert [j.spec.prior for j in plan.jobs] == ["smollm2", "none"]
+    assert len({j.key for j in plan.jobs}) == 2
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+@pytest.mark.parametrize("prior", ["none", "gpt2-tiny"])
+def test_cli_lamp_json(prior, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run.json"
+    args = ("attack", "--attack", "lamp", "--prior", prior, "--iterations", "3", "--data", "cola",
+            "--max-words", "6", "--json", str(out))  # fmt: skip
+    code, _ = main_in_process(args, capsys, monkeypatch)
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert record["attack"] == "lamp" and record["prior"] == prior
+    assert f"prior {prior}" in " ".join(record["notes"])
+
+
+@pytest.mark.parametrize(
+    ("prior", "says"), [("foo", "unknown prior 'foo'"), ("minilm", "is an encoder, not a language model")]
+)
+def test_cli_bad_prior_exits_2_with_one_line(prior, says, capsys, monkeypatch):
+    code, err = main_in_process(("attack", "--attack", "lamp", "--prior", prior), capsys, monkeypatch)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and says in err

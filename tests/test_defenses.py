@@ -253,3 +253,19 @@ def test_cli_attack_bad_defence_is_one_line(args):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_dp_sgd_in_chunks_releases_the_same_update(bert_case, monkeypatch):
+    """Large models: the per-example gradients are taken a few examples at a time, and the clipped sum
+    and its noise are the same as with the whole batch at once."""
+    import gradleak.defenses as defenses
+
+    victim, batch, update = bert_case
+    whole, _ = DefenseChain((DpSgd(0.5, 1.0),)).apply(update, context(victim, batch))
+    per_example = sum(v.numel() * v.element_size() for v in update.tensors.values())
+    monkeypatch.setattr(defenses, "PER_EXAMPLE_BYTES", per_example)  # one example a chunk
+    assert len(defenses._chunks(batch.size, per_example)) == batch.size > 1
+    chunked, trace = DefenseChain((DpSgd(0.5, 1.0),)).apply(update, context(victim, batch))
+    assert trace.sensitivity == 0.5 / batch.size
+    for k, v in whole.tensors.items():
+        torch.testing.assert_close(chunked.tensors[k], v, rtol=1e-5, atol=1e-7)

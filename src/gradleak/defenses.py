@@ -213,14 +213,21 @@ class DpSgd:
             raise GradleakError("dp-sgd computes a FedSGD gradient; use --protocol fedsgd")
         names = [k for k in update.tensors]
         victim, batch = ctx.need("dp-sgd")
-        per = per_example_gradients(victim, batch, names)
         b = batch.size
-        flat_norms = torch.sqrt(sum(per[k].double().pow(2).flatten(1).sum(1) for k in names))  # (B,)
-        factors = (self.clip / flat_norms.clamp_min(1e-12)).clamp(max=1.0)
+        totals = {k: torch.zeros_like(v) for k, v in update.tensors.items()}
+        for rows in _chunks(b, sum(v.numel() * v.element_size() for v in update.tensors.values())):
+            per = per_example_gradients(victim, _rows(batch, rows), names)
+            flat_norms = torch.sqrt(sum(per[k].double().pow(2).flatten(1).sum(1) for k in names))  # (b,)
+            factors = (self.clip / flat_norms.clamp_min(1e-12)).clamp(max=1.0)
+            for k in names:
+                g = per[k]
+                totals[k] += (
+                    (g * factors.view(-1, *[1] * (g.dim() - 1)).to(g.dtype)).sum(0).to(totals[k].dtype)
+                )
+            del per
         out = {}
         for k in names:
-            g = per[k]
-            total = (g * factors.view(-1, *[1] * (g.dim() - 1)).to(g.dtype)).sum(0)
+            total = totals[k]
             if self.multiplier > 0:
                 total = total + _noise(total, ctx.generator, "gaussian", self.multiplier * self.clip)
             out[k] = total / b
@@ -324,6 +331,30 @@ def per_example_gradients(victim: Victim, batch: Batch, names: Sequence[str]) ->
         for k in names:
             rows[k].append(g[k])
     return {k: torch.stack(v) for k, v in rows.items()}
+
+
+PER_EXAMPLE_BYTES = 2 * 2**30  # per-example gradients held at once by dp-sgd: chunks of the batch above
+
+
+def _chunks(size: int, bytes_per_example: int) -> list[range]:
+    """The batch's rows in chunks whose per-example gradients take at most PER_EXAMPLE_BYTES (at least
+    one example a chunk): DP-SGD's clipped sum is the same, its memory bounded for large models."""
+    step = max(1, PER_EXAMPLE_BYTES // max(1, bytes_per_example))
+    return [range(i, min(i + step, size)) for i in range(0, size, step)]
+
+
+def _rows(batch: Batch, rows: range) -> Batch:
+    """The batch's rows `rows` (padding kept: the same shapes for vmap)."""
+    if rows.start == 0 and rows.stop == batch.size:
+        return batch
+    sl = slice(rows.start, rows.stop)
+    return Batch(
+        input_ids=batch.input_ids[sl],
+        attention_mask=batch.attention_mask[sl],
+        labels=None if batch.labels is None else batch.labels[sl],
+        texts=batch.texts[sl],
+        token_ids=batch.token_ids[sl],
+    )
 
 
 def _subbatch(batch: Batch, i: int) -> Batch:

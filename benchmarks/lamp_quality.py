@@ -24,6 +24,7 @@ from _results import machine, run_cell, summarise, table, write_section
 
 from gradleak.experiment import RunSpec
 from gradleak.knowledge import DEFAULT_KNOWS, parse_knows
+from gradleak.spec import DEFAULT_PRIOR
 
 PUBLISHED = """Published anchors (LAMP paper, Balunovic et al. 2022, BERT-base, CoLA, B = 1, ROUGE-1/2, 2000
 steps on a GPU): TAG 78.9/10.2, LAMP 89.6/51.9. The issue's targets: lamp with its prior at B = 1 on
@@ -56,7 +57,7 @@ def main() -> None:
                 attack, _, prior = variant.partition(":")
                 spec = RunSpec(
                     victim=victim, data=args.data, batch_size=b, attack=attack, iterations=args.iterations,
-                    prior=prior or "smollm2", **knows.spec_fields(),
+                    prior=prior or DEFAULT_PRIOR, **knows.spec_fields(),
                 )  # fmt: skip
                 s = summarise(run_cell(spec, args.batches))
                 load = f"{os.getloadavg()[0]:.1f}"

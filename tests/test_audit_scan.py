@@ -125,14 +125,14 @@ def audited():
 def test_the_canary_audit_stands_beside_the_accountant(audited):
     result, data = audited
     assert data.canary is not None and data.canary.upper == 10.7 and data.canary.lower == 0.0
-    (line,) = canary_verdict(SPEC, result)
+    (line,) = canary_verdict(result)
     assert line.startswith("Canary audit (30 trials, the exact attack deciding whether the canary was in")
     assert "16/16 missed, 0/14 false alarms" in line and "certifies no positive epsilon" in line
     assert "the accountant's epsilon for the same release is 10.7 (rdp, replace-one" in line
     broken = dataclasses.replace(CANARY, epsilon_lower=12.0, false_negatives=0)
-    (line,) = canary_verdict(SPEC, dataclasses.replace(result, canary=broken))
+    (line,) = canary_verdict(dataclasses.replace(result, canary=broken))
     assert "proves epsilon >= 12" in line and line.endswith("a bug in the attack's audit or the accountant.")
-    (line,) = canary_verdict(SPEC, dataclasses.replace(result, canary=None, canary_error="too few"))
+    (line,) = canary_verdict(dataclasses.replace(result, canary=None, canary_error="too few"))
     assert line == "Canary audit not run: too few."
 
 

@@ -508,7 +508,7 @@ def _canary(spec: AuditSpec, progress: CanaryProgress | None) -> tuple[CanaryRes
             delta=spec.delta,
             accountant=spec.accountant,
             confidence=CANARY_CONFIDENCE,
-            dtype="float32",  # as the audit's runs
+            dtype=spec.run_spec(spec.canary_attack, ()).dtype,  # as the audit's runs
             max_words=spec.max_words,
             iterations=spec.iterations,
             time_budget=spec.time_budget,
@@ -648,7 +648,7 @@ def bound_verdict(result: AuditResult, data: ReportData, defenses: tuple[str, ..
     ]
 
 
-def canary_verdict(spec: AuditSpec, result: AuditResult) -> list[str]:
+def canary_verdict(result: AuditResult) -> list[str]:
     """What the canary audit proves about epsilon, beside what the accountant promises."""
     if result.canary_error:
         return [f"Canary audit not run: {result.canary_error}."]

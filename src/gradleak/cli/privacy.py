@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gradleak.cli.common import (
     EXIT_RUNS_FAILED,
@@ -17,6 +16,7 @@ from gradleak.cli.common import (
     TextColumnOption,
     console_for,
     err,
+    trial_progress,
     write_json,
 )
 from gradleak.knowledge import DEFAULT_KNOWS, parse_knows
@@ -161,17 +161,7 @@ def privacy_audit(
     from gradleak.canary import run_canary_audit
 
     console = console_for(json_out)
-    bar = Progress(
-        TextColumn("canary trials"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
-    with bar:
-        task_id = bar.add_task("trials", total=trials)
+    with trial_progress("canary trials") as update:
         result = run_canary_audit(
             victim=victim,
             data=data,
@@ -196,7 +186,7 @@ def privacy_audit(
             iterations=iterations,
             time_budget=time_budget,
             knows=parse_knows(knows),
-            progress=lambda done, total: bar.update(task_id, completed=done, total=total),
+            progress=update,
         )
     if json_out != "-":
         _show_canary(result, console)

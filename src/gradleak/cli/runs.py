@@ -6,14 +6,12 @@ command runs. `sweep` and `audit` exit 1 when some run failed (a run the attack 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gradleak import audit as audit_defaults
@@ -24,10 +22,10 @@ from gradleak.cli.common import (
     LabelColumnOption,
     TextColumnOption,
     console_for,
-    err,
     failed_count,
     finish_runs,
     sweep_progress,
+    trial_progress,
     write_json,
 )
 from gradleak.errors import GradleakError
@@ -257,14 +255,14 @@ def audit(
         summaries.append(summary)
         return rows
 
-    with _trial_bar() as canary_progress:
+    with trial_progress("canary trials") as canary_progress:
         result = audit_defaults.run_audit(spec, run_jobs, canary_progress)
     data_ = audit_defaults.report_data(result, load_report_data(list(result.rows), source=store))
     sentences = [
         *audit_defaults.verdict(spec, data_),
         *audit_defaults.threshold_verdict(spec, result, data_),
         *audit_defaults.bound_verdict(result, data_, spec.defenses),
-        *audit_defaults.canary_verdict(spec, result),
+        *audit_defaults.canary_verdict(result),
     ]
     path = write_report(
         out, data_, title=f"gradleak audit: {victim} on {data}, B={batch_size}", verdict=sentences
@@ -303,32 +301,6 @@ def audit(
     failed, refused, total = failed_count(summaries)
     where = f"{_store_errors(store)} and the report {path}"
     finish_runs(failed, refused, total, where)
-
-
-@contextmanager
-def _trial_bar() -> Iterator[Callable[[int, int], None]]:
-    """A bar over the canary trials on stderr, shown from the first trial on."""
-    bar = Progress(
-        TextColumn("canary trials"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
-    task: list[TaskID] = []
-
-    def update(done: int, total: int) -> None:
-        if not task:
-            bar.start()
-            task.append(bar.add_task("trials", total=total))
-        bar.update(task[0], completed=done, total=total)
-
-    try:
-        yield update
-    finally:
-        bar.stop()
 
 
 def _total(summaries: Sequence[Any]) -> dict[str, Any]:

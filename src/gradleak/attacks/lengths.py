@@ -201,3 +201,34 @@ def _best_first(
             heapq.heappush(heap, (g + h, moved + (e != est[j]), acc + e, (*chosen, e)))
             pushed += 1
     return out
+
+
+def regressed_lengths(
+    closing: list[float], counts: list[int | None], batch_size: int, shortest: int
+) -> list[int]:
+    """Sequence lengths under noise, from the embedding gradients' sums solved by least squares
+    (`occurrences.regress`): the closing token's coefficient at each position (`closing`: it splits
+    its coefficient over the positions where sequences end, and is near 0 elsewhere) and, where a
+    position's tokens are all placed, how many distinct tokens sit there (`counts`, None elsewhere:
+    at least that many sequences are live there). The last occupied position ends a sequence; the
+    other ends are taken by falling coefficient wherever they leave every counted position enough
+    live sequences (an end may repeat where fewer positions qualify). Longest first."""
+    n_pos = len(closing)
+    ends = [n_pos - 1]
+
+    def fits(e: int) -> bool:
+        return all(
+            sum(1 for x in [*ends, e] if x < q) <= batch_size - c
+            for q, c in enumerate(counts)
+            if c is not None
+        )
+
+    order = sorted(range(shortest, n_pos - 1), key=lambda p: -closing[p])  # a token besides the template
+    for p in order:
+        if len(ends) >= batch_size:
+            break
+        if closing[p] > 0 and fits(p):
+            ends.append(p)
+    while len(ends) < batch_size:  # too few positions qualify: sequences of one length
+        ends.append(max((e for e in ends if fits(e)), default=n_pos - 1))
+    return sorted((e + 1 for e in ends), reverse=True)

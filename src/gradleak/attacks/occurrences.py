@@ -178,3 +178,73 @@ def resolve(
         len(unresolved),
     )
     return Occurrences(pinned, complete, unresolved)
+
+
+# --- under noise: the same sums, solved by least squares -------------------------------------------
+
+PIN = 0.5  # a least-squares coefficient this large places a token at a position
+COMPLETE = 1.5  # a position whose remainder is within this factor of the noise's is fully explained
+NOISE_ROWS = 4096  # word-embedding rows outside the token set that show the noise's scale
+
+
+@dataclass(frozen=True)
+class Regression:
+    """The position rows as combinations of the token set's word rows: coefficients (tokens x
+    positions), each position's remainder over what the noise alone leaves, the noise's scale."""
+
+    tokens: list[int]
+    coefficients: torch.Tensor
+    excess: torch.Tensor  # per position: remainder norm / the noise's expected remainder norm
+    sigma: float
+    snr: float  # the token set's median word-row norm over the noise's expected row norm
+
+    def occurrences(self) -> Occurrences:
+        """Tokens whose coefficient reaches PIN are placed; a position whose remainder is at the
+        noise's level (within COMPLETE) is complete; a token placed at a complete position has all
+        its occurrences there (one elsewhere too would have left a remainder at it), every other
+        token may occur at any incomplete position."""
+        n_pos = self.coefficients.shape[1]
+        pinned = [{self.tokens[k] for k in torch.nonzero(self.coefficients[:, p] >= PIN).flatten().tolist()}
+                  for p in range(n_pos)]  # fmt: skip
+        complete = [bool(self.excess[p] <= COMPLETE) and bool(pinned[p]) for p in range(n_pos)]
+        placed = set().union(*(pinned[p] for p in range(n_pos) if complete[p]))
+        return Occurrences(pinned, complete, set(self.tokens) - placed)
+
+
+def regress(
+    victim: Victim, grads: dict[str, torch.Tensor], pool: torch.Tensor, positions: int
+) -> Regression | None:
+    """Under noise no row is exactly orthogonal to anything, but the sums of the module doc still
+    hold: the position row of p is the sum of the word rows of the tokens at p, for every token
+    whose occurrences all sit at p (BERT's and GPT-2's embeddings alike: both rows are gradients of
+    the same embedding sum). Solved for every position at once by least squares on the token set's
+    word rows, a single-position token's coefficient is 1 at its position and near 0 elsewhere, to
+    the noise (whose scale the rows of tokens outside the set show); a token at several positions
+    splits its coefficient, and leaves a remainder at each. None where the embedding gradients are
+    not shared, or the token set spans the hidden width (the sums are then not identifiable)."""
+    model = victim.model
+    wname = word_embedding_name(model)
+    found = position_embedding(model)
+    if wname not in grads or found is None or f"{found[0]}.weight" not in grads or positions < 1:
+        return None
+    words = grads[wname].detach().double().cpu()
+    d = words.shape[1]
+    if len(pool) >= d or len(pool) == 0:
+        return None
+    inside = torch.zeros(words.shape[0], dtype=torch.bool)
+    inside[pool] = True
+    outside = torch.nonzero(~inside).flatten()
+    if len(outside) == 0:
+        return None
+    outside = outside[torch.linspace(0, len(outside) - 1, min(NOISE_ROWS, len(outside))).long()]
+    sigma = float(words[outside].norm(dim=1).median()) / (d - 2 / 3) ** 0.5  # the median of a chi_d
+    # (a clean update: the rounding's scale)
+    sigma = max(sigma, EXPLAINED * torch.finfo(grads[wname].dtype).eps * float(words[pool].norm(dim=1).max()))
+    rows = words[pool].T  # (d, n)
+    prow = grads[f"{found[0]}.weight"].detach().double().cpu()[:positions].T  # (d, P)
+    coef = torch.linalg.lstsq(rows, prow).solution  # (n, P)
+    remainder = (prow - rows @ coef).norm(dim=0)
+    expected = sigma * (d - len(pool)) ** 0.5 * (1 + (coef**2).sum(dim=0)).sqrt()
+    excess = remainder / expected.clamp_min(1e-300)
+    snr = float(words[pool].norm(dim=1).median()) / (sigma * d**0.5)
+    return Regression(pool.tolist(), coef, excess, sigma, snr)

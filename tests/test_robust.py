@@ -170,3 +170,51 @@ def test_minilm_batch_of_four_under_small_noise(batch_from, minilm):
     assert sorted(batch.lengths, reverse=True) == [32, 32, 28, 20]
     assert "lengths read off the closing token's coefficients: [32, 31, 28, 20]" in rec.notes, rec.notes
     assert score_reconstruction(minilm, batch, rec).rouge1 >= 50.0, (batch.texts, rec.texts)
+
+
+def test_the_embedding_fit_scores_the_true_batch_at_the_noise_floor(batch_from, minilm):
+    """The word and position rows a batch produces match the shared ones for the client's batch, to
+    the noise (its energy: sigma^2 x the rows' entries), and not for the batch with two tokens of
+    two sentences exchanged, nor with a label flipped."""
+    from gradleak.attacks.refine import EmbeddingFit
+
+    batch = batch_from(minilm, "rt", 2, 0, min_words=5, max_words=15)
+    grads = _noisy(fedsgd(minilm, batch), 1e-4).gradients()
+    ids = [[int(t) for t in batch.token_ids[i][: batch.lengths[i]]] for i in range(2)]
+    labels = [int(x) for x in batch.labels]
+    fit = EmbeddingFit(minilm, grads, {t for s in ids for t in s}, max(batch.lengths))
+    floor = 1e-8 * fit.target.numel()
+    true = float(fit.costs(fit.contributions(ids, labels, 2).unsqueeze(0))[0])
+    assert 0.7 * floor < true < 1.3 * floor
+    swapped = [list(s) for s in ids]
+    swapped[0][2], swapped[1][3] = swapped[1][3], swapped[0][2]
+    assert float(fit.costs(fit.contributions(swapped, labels, 2).unsqueeze(0))[0]) > 1.5 * true
+    flipped = [1 - labels[0], labels[1]]
+    assert float(fit.costs(fit.contributions(ids, flipped, 2).unsqueeze(0))[0]) > 1.5 * true
+
+
+def test_refinement_undoes_swapped_tokens_tails_and_labels(batch_from, bert_tiny):
+    import time as clock
+
+    from gradleak.attacks.refine import refine
+
+    batch = batch_from(bert_tiny, "sst2", 2, 3, min_words=5, max_words=10)
+    grads = _noisy(fedsgd(bert_tiny, batch), 1e-6).gradients()
+    ids = [[int(t) for t in batch.token_ids[i][: batch.lengths[i]]] for i in range(2)]
+    labels = [int(x) for x in batch.labels]
+    start = [list(s) for s in ids]
+    start[0][2], start[1][2] = start[1][2], start[0][2]  # a swap at one position
+    start[0][4:], start[1][4:] = ids[1][4:], ids[0][4:]  # and the tails from another
+    options = [sorted({s[p] for s in ids if len(s) > p}) for p in range(max(batch.lengths))]
+    found, found_labels, note = refine(
+        bert_tiny,
+        grads,
+        start,
+        [1 - labels[0], labels[1]],
+        options,
+        (1, 1),
+        clock.perf_counter() + 60,
+        sigma=1e-6,
+    )
+    assert sorted(zip(found, found_labels, strict=True)) == sorted(zip(ids, labels, strict=True)), note
+    assert "refined against the embedding gradients" in note  # (and it stopped at the noise floor)

@@ -183,7 +183,7 @@ def resolve(
 # --- under noise: the same sums, solved by least squares -------------------------------------------
 
 PIN = 0.5  # a least-squares coefficient this large places a token at a position
-COMPLETE = 1.5  # a position whose remainder is within this factor of the noise's is fully explained
+COMPLETE = 4.0  # standard deviations of pure noise's remainder within which a position is fully explained
 NOISE_ROWS = 4096  # word-embedding rows outside the token set that show the noise's scale
 
 
@@ -197,16 +197,20 @@ class Regression:
     excess: torch.Tensor  # per position: remainder norm / the noise's expected remainder norm
     sigma: float
     snr: float  # the token set's median word-row norm over the noise's expected row norm
+    freedom: int  # the remainders' degrees of freedom: the width less the token set's size
 
     def occurrences(self) -> Occurrences:
         """Tokens whose coefficient reaches PIN are placed; a position whose remainder is at the
-        noise's level (within COMPLETE) is complete; a token placed at a complete position has all
+        noise's level (within COMPLETE standard deviations: the squared remainder of pure noise is
+        a chi-square with d - n degrees of freedom, its norm's relative spread 1 / sqrt(2 (d - n)))
+        is complete; a token placed at a complete position has all
         its occurrences there (one elsewhere too would have left a remainder at it), every other
         token may occur at any incomplete position."""
         n_pos = self.coefficients.shape[1]
         pinned = [{self.tokens[k] for k in torch.nonzero(self.coefficients[:, p] >= PIN).flatten().tolist()}
                   for p in range(n_pos)]  # fmt: skip
-        complete = [bool(self.excess[p] <= COMPLETE) and bool(pinned[p]) for p in range(n_pos)]
+        limit = 1 + COMPLETE / (2 * self.freedom) ** 0.5
+        complete = [bool(self.excess[p] <= limit) and bool(pinned[p]) for p in range(n_pos)]
         placed = set().union(*(pinned[p] for p in range(n_pos) if complete[p]))
         return Occurrences(pinned, complete, set(self.tokens) - placed)
 
@@ -247,4 +251,4 @@ def regress(
     expected = sigma * (d - len(pool)) ** 0.5 * (1 + (coef**2).sum(dim=0)).sqrt()
     excess = remainder / expected.clamp_min(1e-300)
     snr = float(words[pool].norm(dim=1).median()) / (sigma * d**0.5)
-    return Regression(pool.tolist(), coef, excess, sigma, snr)
+    return Regression(pool.tolist(), coef, excess, sigma, snr, d - len(pool))

@@ -68,6 +68,7 @@ from gradleak.attacks.final_tokens import append_final_tokens
 from gradleak.attacks.lengths import regressed_lengths
 from gradleak.attacks.occurrences import Occurrences, Regression, regress
 from gradleak.attacks.prior import LanguagePrior, load_prior
+from gradleak.attacks.refine import EmbeddingFit, refine
 from gradleak.attacks.spans import residual, weighted_span_of
 from gradleak.attacks.structure import gradient_rows, position_embedding, position_free
 from gradleak.attacks.tokens import decode, special_template
@@ -96,6 +97,7 @@ COVER = 2.0  # cost of leaving the whole token set out of the chosen sequences (
 # ends exactly and fixing them took ROUGE-1 from 87-90 to 98-100; about 5 at 5e-5 and 3 at 1e-4,
 # where fixed lengths did worse than the hypotheses (ROUGE-1 33-51 against 53-62)
 LENGTHS_SNR = 10.0
+SEARCH_SHARE = 0.1  # encoders: the share of the time budget the search gets before `refine` takes over
 NO_SIGNAL = 0.9  # mean null-normalised distance of the best beam above which nothing was recovered
 
 
@@ -132,7 +134,7 @@ class RobustExactAttack:
             + ("" if prior is None else f" (weight {PRIOR_WEIGHT} per nat)")
         )
         gen = torch.Generator().manual_seed(options.seed)
-        cands, pool, lengths = _ranked_candidates(victim, scene, knowledge, progress)
+        cands, pool, fit = _ranked_candidates(victim, scene, knowledge, progress)
         deadline = start + options.time_budget
         if scene.causal:
             sequences, best = _beam_decoder(victim, scene, cands, pool, knowledge, gen, prior, deadline)
@@ -146,14 +148,26 @@ class RobustExactAttack:
                 sequences, note = append_final_tokens(victim, scene.grads, sequences)
                 scene.notes.append(note)
         else:
-            vocab = victim.model.get_input_embeddings().weight.shape[0]
-            lengths = lengths if knowledge.lengths is None else None
-            if lengths is not None:
-                scene.notes.append(f"lengths read off the closing token's coefficients: {lengths}")
-            told = knowledge if lengths is None else replace(knowledge, lengths=tuple(lengths))
-            sequences = assemble_encoder(victim, cands, scene.check, 1.0, told, deadline, (gen, vocab))
+            sequences = _encoder_batch(victim, scene, cands, fit, knowledge, options, gen, start)
         sequences = sequences[: knowledge.batch_size]
-        labels = _labels(victim, scene.grads, sequences) if victim.task == "classify" and sequences else None
+        labels = None
+        if victim.task == "classify" and sequences:
+            labels = _labels(victim, scene.grads, sequences)
+            if not scene.causal and fit is not None and EmbeddingFit.available(victim, scene.grads):
+                prefix, suffix = special_template(victim.tokenizer)
+                found, refined, note = refine(
+                    victim,
+                    scene.grads,
+                    sequences,
+                    list(labels),
+                    [[int(t) for t in toks] for toks in cands.tokens],
+                    (len(prefix), len(suffix)),
+                    deadline,
+                    options.seed,
+                    fit.sigma,
+                )
+                sequences, labels = found, tuple(refined)
+                scene.notes.append(note)
         return Reconstruction(
             token_ids=tuple(tuple(s) for s in sequences),
             texts=decode(victim, [list(s) for s in sequences]),
@@ -162,6 +176,32 @@ class RobustExactAttack:
             seconds=time.perf_counter() - start,
             notes=tuple(scene.notes),
         )
+
+
+def _encoder_batch(
+    victim: Victim,
+    scene: _Scene,
+    cands: Candidates,
+    fit: Regression | None,
+    knowledge: Knowledge,
+    options: AttackOptions,
+    gen: torch.Generator,
+    start: float,
+) -> list[list[int]]:
+    """Encoders: `exact`'s search on the weighted subspaces, with the lengths the closing token's
+    coefficients give where the noise allows; where `refine` will follow (the embedding sums were
+    solved), the search has SEARCH_SHARE of the time budget and the refinement the rest."""
+    assert scene.check is not None and knowledge.batch_size is not None
+    vocab = victim.model.get_input_embeddings().weight.shape[0]
+    lengths = None
+    if fit is not None and cands.occurrences is not None and knowledge.lengths is None:
+        lengths = _regressed_lengths(victim, fit, cands.occurrences, knowledge.batch_size)
+    if lengths is not None:
+        scene.notes.append(f"lengths read off the closing token's coefficients: {lengths}")
+    told = knowledge if lengths is None else replace(knowledge, lengths=tuple(lengths))
+    refining = fit is not None and victim.task == "classify" and EmbeddingFit.available(victim, scene.grads)
+    end = start + (SEARCH_SHARE if refining else 1.0) * options.time_budget
+    return assemble_encoder(victim, cands, scene.check, 1.0, told, end, (gen, vocab))
 
 
 def _weigh(scene: _Scene) -> None:
@@ -208,7 +248,7 @@ def sequence_scores(
 
 def _ranked_candidates(
     victim: Victim, scene: _Scene, knowledge: Knowledge, progress: Progress | None
-) -> tuple[Candidates, set[int] | None, list[int] | None]:
+) -> tuple[Candidates, set[int] | None, Regression | None]:
     """Per occupied position, the best PER_POSITION x B + EXTRA tokens of the pool by distance to the
     first layer's weighted subspace; every pool token where the first layer is position-free and the
     pool came from the embedding gradient (the pool is then the batch's tokens: all are needed). Also
@@ -248,7 +288,7 @@ def _ranked_candidates(
             "where the first layer reads positions; this update shares neither"
         )
     if not scene.causal and from_embedding:
-        placed = _placed_candidates(victim, scene, pool, n_pos, knowledge.batch_size)
+        placed = _placed_candidates(victim, scene, pool, n_pos)
         if placed is not None:
             return placed[0], known, placed[1]
     tokens, scores = [], []
@@ -263,8 +303,8 @@ def _ranked_candidates(
 
 
 def _placed_candidates(
-    victim: Victim, scene: _Scene, pool: torch.Tensor, n_pos: int, batch_size: int
-) -> tuple[Candidates, list[int] | None] | None:
+    victim: Victim, scene: _Scene, pool: torch.Tensor, n_pos: int
+) -> tuple[Candidates, Regression] | None:
     """Encoders: candidates from the embedding gradients' sums solved by least squares
     (`occurrences.regress`): at a complete position the tokens placed there, elsewhere those and
     every token not placed at a complete position, by coefficient (the search's `required` tokens
@@ -289,7 +329,7 @@ def _placed_candidates(
         f"{sum(len(s) for s in occ.pinned)} token occurrences; {sum(occ.complete)} of {n_pos} positions "
         f"complete, {len(occ.unresolved)} tokens free to sit at the others"
     )
-    return Candidates(tokens, scores, occ), _regressed_lengths(victim, fit, occ, batch_size)
+    return Candidates(tokens, scores, occ), fit
 
 
 def _regressed_lengths(

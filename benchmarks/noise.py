@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--multipliers", default="1e-4,1e-3,0.01,0.1,0.5,1,2")
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--batches", type=int, default=3, help="batches per exact cell")
+    ap.add_argument(
+        "--first-seed", type=int, default=0, help="batches are seeds first-seed.. (held-out checks)"
+    )
     ap.add_argument("--tag-batches", type=int, default=1, help="batches per TAG cell")
     ap.add_argument("--tag-iterations", type=int, default=150)
     ap.add_argument("--tag-points", default="none,sigma=1e-4,sigma=1e-2,dp-sgd Z=0.1,dp-sgd Z=1")
@@ -81,7 +84,8 @@ def main() -> None:
                     )  # fmt: skip
                     n = args.batches if attack.startswith("exact") else args.tag_batches
                     try:
-                        recs = [run_one(replace(spec, seed=s)) for s in range(n)]
+                        seeds = range(args.first_seed, args.first_seed + n)
+                        recs = [run_one(replace(spec, seed=s)) for s in seeds]
                     except GradleakError as exc:
                         rows.append([victim, attack, b, label, n, "-", "-", f"error: {str(exc)[:50]}"])
                         continue
@@ -132,7 +136,7 @@ def _body(args, rows, curves, *, done: bool) -> str:
     status = "" if done else " (run in progress: the table so far)"
     return (
         f"## Leakage under noise (`python benchmarks/noise.py`){status}\n\n"
-        f"Command arguments: `{' '.join(sys.argv[1:])}`. Data {args.data} (sentences of at most "
+        f"Command arguments: `{' '.join(sys.argv[1:])}`. Batches: seeds {args.first_seed}.. . Data {args.data} (sentences of at most "
         f"{args.max_words} words), float32 updates, one FedSGD release of one batch. Exact attacks: "
         f"the server knows the protocol perturbs updates, assembly budget {args.time_budget:g} s a batch "
         f"(exact-robust: language prior smollm2); TAG: {args.tag_iterations} Adam steps. The server "

@@ -128,11 +128,17 @@ class RobustExactAttack:
             f"weighted subspaces (directions above the noise bulk's edge, weighted by their signal share): "
             f"first layer {scene.span1.rank}, context check {scene.check.span.rank} of {scene.hidden}"
         )
-        prior = load_prior(options.prior, device=str(victim.device), seed=options.seed)
-        scene.notes.append(
-            f"language prior: {options.prior}"
-            + ("" if prior is None else f" (weight {PRIOR_WEIGHT} per nat)")
-        )
+        prior = None
+        if scene.causal:  # the prior ranks decoder beams; the attacker's fixed model: seed 0 always
+            prior = load_prior(options.prior, device=str(victim.device), seed=0)
+            scene.notes.append(
+                f"language prior: {options.prior}"
+                + ("" if prior is None else f" (weight {PRIOR_WEIGHT} per nat)")
+            )
+        else:
+            scene.notes.append(
+                f"language prior: {options.prior}, not read (encoders are not searched by beams)"
+            )
         gen = torch.Generator().manual_seed(options.seed)
         cands, pool, fit = _ranked_candidates(victim, scene, knowledge, progress)
         deadline = start + options.time_budget

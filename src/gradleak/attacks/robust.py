@@ -23,8 +23,23 @@ What it does, step by step (the exact attack's scene, refusals and token set are
    model that shows its positions fills every occupied position instead); beams are cut at their
    sentence's end (coverage of the token set for a batch of one, else a change point), and the batch
    size's best distinct ones are kept, greedily rewarding coverage of the token set.
-   Encoders (bidirectional contexts: a prefix has no score of its own) go to `exact`'s encoder
-   search, run on the weighted subspaces and the ranked candidates.
+5. Encoders (bidirectional contexts: a prefix has no score of its own; BERT's additive embeddings):
+   a. Placement by least squares (`occurrences.regress`): the position-embedding gradient's row p is
+      the sum of the word-embedding rows of the tokens that occur only at p (both are gradients of
+      the same embedding sum), so solving the position rows on the token set's word rows puts each
+      such token at its position (coefficient near 1, near 0 elsewhere) to the noise, whose scale
+      the rows of tokens outside the set show. A position whose remainder is at the noise's level
+      holds exactly its placed tokens; elsewhere any token not placed at such a position may sit.
+      At sigma 1e-5 on MiniLM this placed every single-position token of the diagnosed batches,
+      where the first layer's distances ranked true tokens about 20th of 64.
+   b. Lengths: the closing token ([SEP]) occurs at every sequence's end, so its coefficient splits
+      over the end positions (`lengths.regressed_lengths`); where the word rows stand well out of
+      the noise (LENGTHS_SNR) those ends fix the lengths, else the search tries hypotheses.
+   c. `exact`'s encoder search on the weighted subspaces, for SEARCH_SHARE of the time budget.
+   d. Refinement (`attacks.refine`): swaps, tail exchanges, substitutions, length and label moves,
+      kept where they lower the mismatch between the shared word and position rows and those the
+      candidate batch produces (every layer and the label shape that input gradient), with kicks
+      (iterated local search) until the budget ends or the mismatch is down to the noise's energy.
 
 What is new against DAGER (Petrov et al., NeurIPS 2024) and TIGER (Kalikman et al., 2026):
 DAGER holds each candidate to a fixed span-residual threshold at a rank chosen by a gap, so under
@@ -33,7 +48,11 @@ hard test. TIGER optimises continuous token embeddings against the attention-gra
 Here the search stays discrete (DAGER's candidates and prefix growth, `exact`'s KV-cached checks)
 but every test is a score against an estimated, weighted signal subspace normalised by a null
 sample, with a language prior in the beam's score (LAMP's idea, Balunovic et al. 2022, applied to
-exact-recovery beams). Not done here: TIGER's continuous refinement where the discrete search stalls.
+exact-recovery beams). For encoders the embedding gradients' linear sums, which DAGER does not use
+and `exact` reads only as exact orthogonality, are solved by least squares to place tokens and
+ends under noise, and where the span search stalls the batch is refined discretely against the
+whole input gradient (a discrete counterpart of TIGER's continuous refinement; TIGER's own
+optimisation of continuous embeddings is not done here).
 
 Why a separate registered attack and not `exact`'s perturbed mode changed: users compare the two on
 the same batches (`--attack exact` and `--attack exact-robust` in one sweep or study), and `exact`'s

@@ -59,3 +59,24 @@ def test_vanishing_gradients_are_left_out_and_the_cosine_is_smooth(bert_tiny, ma
     near = float(layerwise_cos(problem.gradients(nudged, create_graph=False), list(problem.true), opts))
     assert at == pytest.approx(0.0, abs=1e-5)
     assert near < 1e-4
+
+
+def test_with_the_key_bias_kept_the_cosine_is_noise(bert_tiny, make_victim_batch, monkeypatch):
+    # what the vanishing tensors did before they were left out: their shared gradient is rounding
+    # noise, and the per-tensor cosine of noise jumps under the least nudge
+    import gradleak.attacks.matching as matching
+
+    monkeypatch.setattr(matching, "_without_vanishing", lambda problem, names, attack: problem)
+    batch = make_victim_batch(bert_tiny, "cola", 1, 3, max_words=8)
+    problem = _problem(bert_tiny, batch)
+    names = {id(p): n for n, p in bert_tiny.model.named_parameters()}
+    norms = {names[id(p)]: float(g.norm()) for p, g in zip(problem.params, problem.true, strict=True)}
+    keys = [v for n, v in norms.items() if "key.bias" in n]
+    assert len(keys) == 2 and max(keys) < 1e-9  # ~1e-11
+    assert min(v for n, v in norms.items() if "key.bias" not in n) > 1e-5
+    truth = problem.embedding[batch.input_ids[:, : problem.mask.shape[1]]]
+    nudged = truth + 1e-6 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(1))
+    near = float(
+        layerwise_cos(problem.gradients(nudged, create_graph=False), list(problem.true), AttackOptions())
+    )
+    assert near > 0.03  # measured 0.08

@@ -214,11 +214,11 @@ def prepare(
 def _without_vanishing(problem: Matching, names: list[str], attack: str) -> Matching:
     """The problem without the parameters whose gradient the model makes vanish whatever the input:
     the attention key bias, for one (softmax is shift invariant), gets a gradient of float rounding
-    noise (1e-11 where the others are 1e-5 to 1), not exactly zero. A cosine distance taken per
-    tensor (`layerwise_cos`) would weigh that noise's direction as much as any real tensor, and its
-    derivative, scaled by 1 / the noise's norm, would swamp the step. Found by a probe: the gradient of
-    a random dummy (its own generator: the attack's random stream is untouched), a tensor left out
-    where its norm is below the dtype's epsilon times the largest tensor's."""
+    noise (~1e-11 on bert-tiny, where every other tensor's is above 1e-5), not exactly zero. A
+    cosine distance taken per tensor (`layerwise_cos`) would weigh that noise's direction as much as
+    any real tensor, and its derivative, scaled by 1 / the noise's norm, would swamp the step. Found
+    by a probe: the gradient of a random dummy (its own generator: the attack's random stream is
+    untouched), a tensor left out where its norm is below the dtype's epsilon times the largest's."""
     probe = problem.random_dummy(torch.Generator().manual_seed(0))
     norms = [float(g.norm()) for g in problem.gradients(probe, create_graph=False)]
     floor = torch.finfo(problem.victim.dtype).eps * max(norms)
@@ -235,15 +235,6 @@ def _without_vanishing(problem: Matching, names: list[str], attack: str) -> Matc
 
 
 StepHook = Callable[[int, torch.Tensor], None]  # (step, dummy): may change the dummy in place
-# (optimiser, the run's steps) -> the learning-rate scheduler, stepped once a step
-Schedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
-
-
-def halving(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning rate halved at 50, 75 and 90 % of the run (DLG, TAG, cos)."""
-    return torch.optim.lr_scheduler.MultiStepLR(
-        opt, milestones=[int(steps * f) for f in (0.5, 0.75, 0.9)], gamma=0.5
-    )
 
 
 def optimise(
@@ -253,12 +244,10 @@ def optimise(
     options: AttackOptions,
     progress: Progress | None = None,
     after_step: StepHook | None = None,
-    schedule: Schedule | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Descend `objective(dummy)` (and the soft labels, where they are optimised) for
-    `options.iterations` steps, the learning rate as `schedule` says (by default `halving`: halved at
-    50, 75 and 90 % of the run); `after_step` runs after each step. Returns the dummy of the lowest
-    objective seen and the objective's trace."""
+    `options.iterations` steps, the learning rate halved at 50, 75 and 90 % of the run; `after_step`
+    runs after each step. Returns the dummy of the lowest objective seen and the objective's trace."""
     dummy.requires_grad_(True)
     variables = [dummy] + ([problem.soft_labels] if problem.soft_labels is not None else [])
     trace: list[float] = []
@@ -267,7 +256,9 @@ def optimise(
         opt: torch.optim.Optimizer = torch.optim.LBFGS(variables, lr=options.learning_rate * 100)
     else:
         opt = torch.optim.Adam(variables, lr=options.learning_rate)
-    sched = (schedule or halving)(opt, options.iterations)
+    sched = torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones=[int(options.iterations * f) for f in (0.5, 0.75, 0.9)], gamma=0.5
+    )
     for step in range(options.iterations):
 
         def closure() -> torch.Tensor:

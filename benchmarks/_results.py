@@ -19,9 +19,10 @@ from gradleak.experiment import RunRecord, RunSpec, run_one
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def run_cell(spec: RunSpec, batches: int) -> list[RunRecord]:
-    """The same spec over seeds 0..batches-1 (each seed draws another batch and model init)."""
-    return [run_one(replace(spec, seed=seed)) for seed in range(batches)]
+def run_cell(spec: RunSpec, batches: int, first_seed: int = 0) -> list[RunRecord]:
+    """The same spec over seeds first_seed.. (0..batches-1 by default; each seed draws another batch
+    and model init)."""
+    return [run_one(replace(spec, seed=seed)) for seed in range(first_seed, first_seed + batches)]
 
 
 def run_counted(spec: RunSpec, batches: int) -> tuple[list[RunRecord], list[str]]:

@@ -4,11 +4,12 @@ The attacker optimises dummy word embeddings (and soft labels, when it cannot in
 the gradient they produce matches the shared one; tokens are then read off as the vocabulary
 entries nearest (by cosine) to the optimised embeddings. Special tokens that the tokenizer
 always adds (BERT's [CLS] ... [SEP]) are known to the server and kept fixed. Parameters whose
-shared gradient is identically zero are left out of the distance: the gradient of the attention
-key bias, for one, is always zero (softmax is shift invariant) and would pin the cosine distance
-at a floor. Where the scenario withholds the sequence lengths, they are inferred from the update
-(`infer.infer_lengths`: the position-embedding gradient, the closing token's span check, the context
-span's rank) and the reconstruction's notes say what was inferred.
+shared gradient is identically zero are left out of the distance, and so are those whose gradient
+the model makes vanish whatever the input: the attention key bias's (softmax is shift invariant) is
+float rounding noise, whose direction would swamp LAMP's per-tensor cosine. Where the scenario
+withholds the sequence lengths, they are inferred from the update (`infer.infer_lengths`: the
+position-embedding gradient, the closing token's span check, the context span's rank) and the
+reconstruction's notes say what was inferred.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -80,6 +81,7 @@ class Matching:
     fixed_ids: torch.Tensor  # (B, L) their ids
     embedding: torch.Tensor  # the victim's word-embedding matrix
     notes: tuple[str, ...]
+    allowed: torch.Tensor  # (vocabulary,) the tokens a reconstruction may contain (`candidate_mask`)
 
     @property
     def mean_norm(self) -> float:
@@ -111,13 +113,11 @@ class Matching:
         return (free.norm(dim=-1).mean() - self.mean_norm) ** 2
 
     def nearest(self, dummy: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids: each free position's vocabulary entry nearest by cosine (special tokens left
-        out), the template's ids at the fixed positions."""
-        emb = self.embedding
-        allowed = candidate_mask(self.victim.tokenizer, emb.shape[0], emb.device)
-        unit = torch.nn.functional.normalize(emb.to(dummy.dtype), dim=-1)
+        """(B, L) ids: each free position's vocabulary entry nearest by cosine (special and placeholder
+        tokens left out), the template's ids at the fixed positions."""
+        unit = torch.nn.functional.normalize(self.embedding.to(dummy.dtype), dim=-1)
         sims = torch.nn.functional.normalize(dummy.detach(), dim=-1) @ unit.T
-        sims[..., ~allowed] = -2.0
+        sims[..., ~self.allowed] = -2.0
         return torch.where(self.fixed, self.fixed_ids, sims.argmax(-1))
 
     def token_rows(self, ids: torch.Tensor) -> list[list[int]]:
@@ -194,7 +194,7 @@ def prepare(
             fixed[i, k], fixed_ids[i, k] = True, t
         for k, t in enumerate(suffix):
             fixed[i, n - len(suffix) + k], fixed_ids[i, n - len(suffix) + k] = True, t
-    return Matching(
+    problem = Matching(
         victim=victim,
         params=tuple(params[n] for n in names),
         true=true,
@@ -206,6 +206,31 @@ def prepare(
         fixed_ids=fixed_ids,
         embedding=emb,
         notes=tuple(notes),
+        allowed=candidate_mask(victim.tokenizer, emb.shape[0], emb.device),
+    )
+    return _without_vanishing(problem, names, attack)
+
+
+def _without_vanishing(problem: Matching, names: list[str], attack: str) -> Matching:
+    """The problem without the parameters whose gradient the model makes vanish whatever the input:
+    the attention key bias, for one (softmax is shift invariant), gets a gradient of float rounding
+    noise (~1e-11 on bert-tiny, where every other tensor's is above 1e-5), not exactly zero. A
+    cosine distance taken per tensor (`layerwise_cos`) would weigh that noise's direction as much as
+    any real tensor, and its derivative, scaled by 1 / the noise's norm, would swamp the step. Found
+    by a probe: the gradient of a random dummy (its own generator: the attack's random stream is
+    untouched), a tensor left out where its norm is below the dtype's epsilon times the largest's."""
+    probe = problem.random_dummy(torch.Generator().manual_seed(0))
+    norms = [float(g.norm()) for g in problem.gradients(probe, create_graph=False)]
+    floor = torch.finfo(problem.victim.dtype).eps * max(norms)
+    keep = [i for i, v in enumerate(norms) if v > floor]
+    if len(keep) == len(norms):
+        return problem
+    left_out = ", ".join(n for i, n in enumerate(names) if i not in keep)
+    log.info("%s: the gradient of %s vanishes whatever the input: left out", attack, left_out)
+    if not keep:
+        raise Refusal(f"attack {attack!r}: no usable gradient was shared")
+    return replace(
+        problem, params=tuple(problem.params[i] for i in keep), true=tuple(problem.true[i] for i in keep)
     )
 
 

@@ -116,10 +116,16 @@ class _State:
 
 class _Refiner:
     def __init__(
-        self, victim: Victim, fit: EmbeddingFit, options: list[list[int]], template: tuple[int, int]
+        self,
+        victim: Victim,
+        fit: EmbeddingFit,
+        options: list[list[int]],
+        template: tuple[int, int],
+        lengths_known: bool,
     ):
         self.victim, self.fit, self.options = victim, fit, options
         self.front, self.back = template
+        self.lengths_known = lengths_known
         self.moves = 0
         self.sweeps = 0
 
@@ -158,6 +164,8 @@ class _Refiner:
                     x = list(seqs[i])
                     x[p] = t
                     out.append(Move({i: x}, {}))
+            if self.lengths_known:  # (a tail exchange keeps the lengths the batch has)
+                continue
             if len(seqs[i]) - 1 > front + back:  # one token fewer: drop the one at p
                 out.append(Move({i: seqs[i][:p] + seqs[i][p + 1 :]}, {}))
             if len(seqs[i]) < self.fit.positions:  # one more: a candidate put in at p
@@ -220,15 +228,17 @@ def refine(
     deadline: float,
     seed: int = 0,
     sigma: float | None = None,
+    lengths_known: bool = False,
 ) -> tuple[list[list[int]], list[int], str]:
     """Local search over `seqs` and `labels` (see the module doc) until `deadline`: a descent, then
     kicks each followed by a descent, the best batch kept; `options[p]` are the tokens that may sit
     at position p (best first), `template` the number of fixed special tokens in front and behind.
     With the noise's scale `sigma` it stops once the mismatch is down to what the noise alone leaves
-    (within FLOOR). Returns the sequences, labels and a note."""
+    (within FLOOR). Where the lengths are known no move changes the batch's lengths. Returns the
+    sequences, labels and a note."""
     tokens = {t for x in seqs for t in x} | {t for o in options for t in o[:SUBSTITUTES]}
     fit = EmbeddingFit(victim, grads, tokens, max(len(x) for x in seqs))
-    work = _Refiner(victim, fit, options, template)
+    work = _Refiner(victim, fit, options, template, lengths_known)
     st = work.state([list(x) for x in seqs], list(labels))
     first = st.cost
     work.descend(st, deadline)

@@ -185,11 +185,12 @@ class RobustExactAttack:
                     scene.grads,
                     sequences,
                     list(labels),
-                    [[int(t) for t in toks] for toks in cands.tokens],
+                    [[int(t) for t in toks if int(t) not in {*prefix, *suffix}] for toks in cands.tokens],
                     (len(prefix), len(suffix)),
                     deadline,
                     options.seed,
                     fit.sigma,
+                    knowledge.lengths is not None,
                 )
                 sequences, labels = found, tuple(refined)
                 scene.notes.append(note)

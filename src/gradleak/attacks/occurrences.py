@@ -203,9 +203,9 @@ class Regression:
         """Tokens whose coefficient reaches PIN are placed; a position whose remainder is at the
         noise's level (within COMPLETE standard deviations: the squared remainder of pure noise is
         a chi-square with d - n degrees of freedom, its norm's relative spread 1 / sqrt(2 (d - n)))
-        is complete; a token placed at a complete position has all
-        its occurrences there (one elsewhere too would have left a remainder at it), every other
-        token may occur at any incomplete position."""
+        is complete; a token placed at a complete position has all its occurrences there (one
+        elsewhere too would have left a remainder at it), every other token may occur at any
+        incomplete position."""
         n_pos = self.coefficients.shape[1]
         pinned = [{self.tokens[k] for k in torch.nonzero(self.coefficients[:, p] >= PIN).flatten().tolist()}
                   for p in range(n_pos)]  # fmt: skip

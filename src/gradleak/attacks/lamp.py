@@ -49,8 +49,8 @@ bert-tiny and 101-103 of MiniLM, B = 1, 300 steps, never on the benchmark's seed
   scale invariance the 2-layer 128-wide victim's gradient directions leave it underdetermined, where
   `lamp-l1l2`, which matches the magnitudes too, reaches the tokens: 94.6 on the same seeds);
 - the readout (`tokens.candidate_mask`) skips BERT's [unusedN] placeholders, as LAMP's does;
-- tried on the tuning seeds with a scratch harness and dropped (no better; their figures are in the
-  issue's report, not reproducible from this code): learning rates 0.003 and 0.03; LAMP's StepLR
+- tried on the tuning seeds with a scratch harness and dropped (no better, measured with a scratch
+  harness this code cannot re-run, so no figures here): learning rates 0.003 and 0.03; LAMP's StepLR
   (x0.89 every 50 steps: the same result, as the distance is ~0 by step 50, before the schedules
   differ); norm weight 20; LAMP's absolute score (distance + 0.2 NLL); scoring the phases'
   candidates by the nearest tokens' own gradient distance and keeping the best such text seen every

@@ -161,6 +161,8 @@ class RobustExactAttack:
         gen = torch.Generator().manual_seed(options.seed)
         cands, pool, fit = _ranked_candidates(victim, scene, knowledge, progress)
         deadline = start + options.time_budget
+        # encoders whose embedding sums were solved: the found batch is refined against them
+        refining = not scene.causal and fit is not None and EmbeddingFit.available(victim, scene.grads)
         if scene.causal:
             sequences, best = _beam_decoder(victim, scene, cands, pool, knowledge, gen, prior, deadline)
             if best > NO_SIGNAL:
@@ -173,19 +175,21 @@ class RobustExactAttack:
                 sequences, note = append_final_tokens(victim, scene.grads, sequences)
                 scene.notes.append(note)
         else:
-            sequences = _encoder_batch(victim, scene, cands, fit, knowledge, options, gen, start)
+            end = start + (SEARCH_SHARE if refining else 1.0) * options.time_budget
+            sequences = _encoder_batch(victim, scene, cands, fit, knowledge, gen, end)
         sequences = sequences[: knowledge.batch_size]
         labels = None
         if victim.task == "classify" and sequences:
             labels = _labels(victim, scene.grads, sequences)
-            if not scene.causal and fit is not None and EmbeddingFit.available(victim, scene.grads):
+            if refining and fit is not None:
                 prefix, suffix = special_template(victim.tokenizer)
+                specials = {*prefix, *suffix}
                 found, refined, note = refine(
                     victim,
                     scene.grads,
                     sequences,
                     list(labels),
-                    [[int(t) for t in toks if int(t) not in {*prefix, *suffix}] for toks in cands.tokens],
+                    [[int(t) for t in toks if int(t) not in specials] for toks in cands.tokens],
                     (len(prefix), len(suffix)),
                     deadline,
                     options.seed,
@@ -210,13 +214,12 @@ def _encoder_batch(
     cands: Candidates,
     fit: Regression | None,
     knowledge: Knowledge,
-    options: AttackOptions,
     gen: torch.Generator,
-    start: float,
+    end: float,
 ) -> list[list[int]]:
-    """Encoders: `exact`'s search on the weighted subspaces, with the lengths the closing token's
-    coefficients give where the noise allows; where `refine` will follow (the embedding sums were
-    solved), the search has SEARCH_SHARE of the time budget and the refinement the rest."""
+    """Encoders: `exact`'s search on the weighted subspaces until `end` (SEARCH_SHARE of the time
+    budget where `refine` follows), with the lengths the closing token's coefficients give where the
+    noise allows."""
     assert scene.check is not None and knowledge.batch_size is not None
     vocab = victim.model.get_input_embeddings().weight.shape[0]
     lengths = None
@@ -225,8 +228,6 @@ def _encoder_batch(
     if lengths is not None:
         scene.notes.append(f"lengths read off the closing token's coefficients: {lengths}")
     told = knowledge if lengths is None else replace(knowledge, lengths=tuple(lengths))
-    refining = fit is not None and victim.task == "classify" and EmbeddingFit.available(victim, scene.grads)
-    end = start + (SEARCH_SHARE if refining else 1.0) * options.time_budget
     return assemble_encoder(victim, cands, scene.check, 1.0, told, end, (gen, vocab))
 
 

@@ -21,9 +21,10 @@ norm 1.4 is about `NORM_WEIGHT`) and work on the gradient-matching problem of `m
   victim; only the `PRIOR_TOP` candidates of lowest gradient distance (and the current order) are
   read by the prior, which costs more than a gradient on small victims;
 - the final pick: the dummy of lowest objective seen and the last one, whichever has the lower total;
-- `lamp` only: the final pick's tokens, as their own embeddings, get a last phase of up to
-  `FINAL_ROUNDS` greedy rounds (`discrete_phase(rounds=...)`: the kept order is the next round's
-  start while a round moves, the distances relative to the first order's, so the total never rises).
+- `lamp` only: a local search over the final pick's tokens (`polish`): reorderings, substitutions of
+  a position's token by another of its pool (the `SUBSTITUTES` tokens orthogonal matching pursuit
+  picks to rebuild that position's continuous embedding: `substitutes`), and exchanges of tokens
+  between sequences, in sweeps of at most `FINAL_ROUNDS`, each move kept where it lowers the total.
 
 LAMP's own code runs 2000 steps with 200 candidates every 75 steps and 500 starts on a GPU; the
 constants here are sized for a CPU (`--iterations` lengthens the run; the phases keep their spacing).
@@ -44,10 +45,22 @@ bert-tiny and 101-103 of MiniLM, B = 1, 300 steps, never on the benchmark's seed
   any norm). ROUGE-1 on the tuning seeds: bert-tiny 70.3 -> 83.4 (69.1 with the readout's fix below
   alone), MiniLM 95.2 (not run before the fix on these seeds; the bag of words right, the order not:
   ROUGE-2 21.8);
-- the final reordering rounds: MiniLM ROUGE-2 21.8 -> 65.1 at the same ROUGE-1 (95.2); bert-tiny
-  unchanged (83.4 / 70.6: there the continuous optimum is not a token sequence; with the cosine's
-  scale invariance the 2-layer 128-wide victim's gradient directions leave it underdetermined, where
-  `lamp-l1l2`, which matches the magnitudes too, reaches the tokens: 94.6 on the same seeds);
+- the final reordering rounds (the first form of `polish`: reorderings only): MiniLM ROUGE-2 21.8 ->
+  65.1 at the same ROUGE-1 (95.2); bert-tiny unchanged (83.4 / 70.6). There the continuous optimum
+  is not a token sequence: with the cosine's scale invariance the 2-layer 128-wide victim's gradient
+  directions leave it underdetermined, and the nearest tokens are wrong where the optimum is a
+  mixture of token embeddings (in a scratch diagnosis of one tuning seed, true tokens far down the
+  nearest-token list of their positions);
+- the token pools of matching pursuit (`substitutes`): in that diagnosis the true tokens were
+  among the first few atoms of every such position, so substitutions from the pools reach them.
+  With the substitutions and exchanges (`polish`), on the same tuning seeds (B = 1, 300 steps;
+  before: commit fce31b2): bert-tiny 83.4 -> 94.8 ROUGE-1 (70.6 -> 88.7 ROUGE-2), MiniLM 95.2 ->
+  92.2 (one seed of three went from one token wrong to two); bert-tiny B = 2, seeds 101-104: 53.2
+  -> 58.8. Tried on these seeds with scratch code and dropped (no figures here, as this code cannot
+  re-run them): candidates by the distance's first-order gain (HotFlip's and GCG's linearisation,
+  which ranked the true tokens far down on this victim), the nearest tokens by cosine as the pools,
+  and reorderings to convergence before any substitution as the only search (better on MiniLM,
+  worse on bert-tiny: `polish` runs it beside the substituting search and keeps the lower total);
 - the readout (`tokens.candidate_mask`) skips BERT's [unusedN] placeholders, as LAMP's does;
 - tried on the tuning seeds with a scratch harness and dropped (no better, measured with a scratch
   harness this code cannot re-run, so no figures here): learning rates 0.003 and 0.03; LAMP's StepLR
@@ -83,7 +96,8 @@ BURN_IN = 0.1  # no discrete phase in this first fraction of the run
 CANDIDATES = 48  # reorderings of one sequence per phase (the current order included)
 PRIOR_TOP = 12  # of those, the prior reads this many of lowest gradient distance (and the current)
 NORM_WEIGHT = 2.0  # weight of the relative norm term: LAMP's 1.0 at BERT-base's norm 1.4, i.e. 1.96
-FINAL_ROUNDS = 10  # `lamp`: greedy rounds of reordering the final tokens (a phase each, kept while it helps)
+SUBSTITUTES = 6  # `lamp`'s final search: candidate tokens per position (matching pursuit's atoms)
+FINAL_ROUNDS = 30  # `lamp`'s final search: sweeps per stage at most (each stage stops when none moves)
 
 MOVES = ("swap", "move-token", "move-span", "reverse-span", "prefix-to-end")
 
@@ -258,6 +272,109 @@ def discrete_phase(
     return PhaseResult(current, moved, before / rows, after / rows)
 
 
+def substitutes(problem: Matching, dummy: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, L, count) ids: for each position, the allowed vocabulary entries that orthogonal matching
+    pursuit picks, in order, to rebuild the continuous dummy's embedding there (the nearest by cosine
+    first, then the nearest to what the picked ones leave unexplained, ...). Where the continuous
+    optimum is not a token sequence it tends to be a mixture of token embeddings (a wrong token
+    nearest, the true one a few atoms in), which the nearest tokens by cosine alone would not reach."""
+    emb = problem.embedding.to(dummy.dtype)
+    unit = torch.nn.functional.normalize(emb, dim=-1)
+    flat = dummy.detach().reshape(-1, dummy.shape[-1])
+    picks = torch.zeros(flat.shape[0], count, dtype=torch.long, device=dummy.device)
+    for n, target in enumerate(flat):
+        residual, chosen = target, []
+        for k in range(count):
+            sims = torch.nn.functional.normalize(residual, dim=0) @ unit.T
+            sims[~problem.allowed] = -2.0
+            sims[chosen] = -2.0
+            chosen.append(int(sims.argmax()))
+            atoms = emb[chosen].T  # (hidden, k + 1)
+            coef = torch.linalg.lstsq(atoms, target.unsqueeze(1)).solution
+            residual = target - (atoms @ coef).squeeze(1)
+            picks[n, k] = chosen[-1]
+    return picks.reshape(*dummy.shape[:-1], count)
+
+
+Tokens = tuple[torch.Tensor, torch.Tensor]  # (B, L) ids, and (B, L, SUBSTITUTES) each position's pool
+
+
+def _token_moves(
+    tokens: Tokens, frees: list[torch.Tensor], row: int, gen: torch.Generator, substitute: bool
+) -> list[Tokens]:
+    """Candidates from `tokens` that change sequence `row`: `CANDIDATES` reorderings of its free
+    positions, every substitution of one position's token by another of its pool, and (with more than
+    one sequence) up to `CANDIDATES` exchanges of one of its tokens with one of another sequence's;
+    only the reorderings unless `substitute`. A token's pool travels with it."""
+    ids, pool = tokens
+    free = frees[row]
+    out: list[Tokens] = []
+    for order in propose(len(free), CANDIDATES, gen)[1:] if len(free) > 1 else []:
+        out.append((_reordered(ids, row, free, order), _reordered(pool, row, free, order)))
+    if not substitute:
+        return out
+    for p in free.tolist():
+        for c in pool[row, p].tolist():
+            if c != int(ids[row, p]):
+                trial = ids.clone()
+                trial[row, p] = c
+                out.append((trial, pool))
+    pairs = [(p, other, q) for p in free.tolist() for other, f in enumerate(frees) if other != row
+             for q in f.tolist() if int(ids[row, p]) != int(ids[other, q])]  # fmt: skip
+    for k in torch.randperm(len(pairs), generator=gen)[:CANDIDATES].tolist():
+        p, other, q = pairs[k]
+        trial_ids, trial_pool = ids.clone(), pool.clone()
+        trial_ids[row, p], trial_ids[other, q] = ids[other, q], ids[row, p]
+        trial_pool[row, p], trial_pool[other, q] = pool[other, q], pool[row, p]
+        out.append((trial_ids, trial_pool))
+    return out
+
+
+def polish(scorer: _Scorer, dummy: torch.Tensor, gen: torch.Generator, rounds: int) -> PhaseResult:
+    """Local search over the final pick's tokens. Each position's pool is the `SUBSTITUTES` tokens
+    matching pursuit picks to rebuild its continuous embedding (`substitutes`). Two searches from the
+    nearest tokens, the lower total kept: one with every `_token_moves` move from the start, one with
+    reorderings only until a sweep moves nothing and then every move (a greedy search from an
+    unsettled order may trade a misplaced token for a duplicate of a placed one; from a settled order
+    a substitution must beat every reordering). Each stage is up to `rounds` sweeps over the
+    sequences, stopped by a sweep that moves nothing; for each sequence its moves are scored by
+    gradient distance, the `PRIOR_TOP` of lowest distance (and the current tokens) by distance +
+    weight * the prior's mean NLL over the batch's texts, and the lowest total kept. The distances are
+    all relative to the first tokens' (so the total never rises)."""
+    problem = scorer.problem
+    start: Tokens = (problem.nearest(dummy), substitutes(problem, dummy, SUBSTITUTES))
+    frees = [_free(problem, row) for row in range(len(problem.lengths))]
+
+    def nll(ids: torch.Tensor) -> float:
+        values = scorer.nll(list(decode(problem.victim, problem.token_rows(ids))))
+        return sum(values) / len(values)
+
+    reference = scorer.distance(problem.embedding[start[0]])
+    before = total(reference, reference, nll(start[0]), scorer.weight)
+    results = []
+    for stages in ((True,), (False, True)):  # whether a stage substitutes and exchanges tokens
+        tokens, score, moved = start, before, 0
+        for substitute in stages:
+            for _ in range(rounds):
+                moved_before = moved
+                for row, free in enumerate(frees):
+                    if len(free) < 1:
+                        continue
+                    trials = [tokens, *_token_moves(tokens, frees, row, gen, substitute)]
+                    distances = [scorer.distance(problem.embedding[ids]) for ids, _ in trials]
+                    read = [0, *sorted(range(1, len(trials)), key=lambda k: distances[k])[:PRIOR_TOP]]
+                    priors = {k: nll(trials[k][0]) for k in read}
+                    best = choose(distances, priors, scorer.weight, reference)
+                    if best != 0:
+                        moved += 1
+                        tokens = trials[best]
+                        score = total(distances[best], reference, priors[best], scorer.weight)
+                if moved == moved_before:
+                    break
+        results.append(PhaseResult(problem.embedding[tokens[0]], moved, before, score))
+    return min(results, key=lambda r: r.after)
+
+
 def initial_dummy(problem: Matching, scorer: _Scorer, gen: torch.Generator) -> torch.Tensor:
     """LAMP's start: random embeddings at the vocabulary's mean norm, the lowest gradient distance of
     `STARTS` kept, then the lowest of `STARTS` random orders of each sequence's free positions."""
@@ -323,8 +440,7 @@ class Lamp:
         totals = [total(d, reference, nll, weight) for d, nll in ends]
         final = best if totals[0] <= totals[1] else last
         if self.final_rounds:  # the final pick's tokens themselves (their own embeddings) reordered
-            tokens = problem.embedding[problem.nearest(final)]
-            phases.append(discrete_phase(scorer, tokens, gen, self.final_rounds))
+            phases.append(polish(scorer, final, gen, self.final_rounds))
             final = phases[-1].dummy
         prior_name = prior.name if prior is not None else "none"
         notes = (

@@ -16,10 +16,12 @@ from gradleak.attacks.lamp import (
     discrete_phase,
     move_span,
     move_token,
+    polish,
     prefix_to_end,
     propose,
     random_move,
     reverse_span,
+    substitutes,
     swap,
     total,
 )
@@ -201,3 +203,46 @@ def test_rounds_of_reordering_put_a_shuffled_sentence_back_in_order(bert_tiny, m
     assert one.moved == 1 and one.after == pytest.approx(0.639, abs=1e-3)
     assert result.moved == 5 and result.after == pytest.approx(0.0, abs=1e-4)
     assert problem.token_rows(problem.nearest(result.dummy)) == problem.token_rows(batch.input_ids)
+
+
+def _mixed(problem, ids, row, p, wrong):
+    """The true tokens' embeddings, position p of sequence `row` a mixture the wrong token dominates."""
+    dummy = problem.embedding[ids].clone()
+    dummy[row, p] = 0.8 * problem.embedding[wrong] + 0.6 * problem.embedding[ids[row, p]]
+    return dummy
+
+
+def test_matching_pursuit_pools_hold_the_tokens_of_a_mixture(bert_tiny, make_victim_batch):
+    batch = make_victim_batch(bert_tiny, "cola", 1, 5, max_words=10)
+    knowledge = Knowledge(batch_size=1, lengths=batch.lengths, labels=tuple(batch.labels.tolist()))
+    gen = torch.Generator().manual_seed(0)
+    problem = prepare("lamp", bert_tiny, fedsgd(bert_tiny, batch), knowledge, gen)
+    ids = batch.input_ids[:, : problem.mask.shape[1]]
+    wrong = int(bert_tiny.tokenizer.convert_tokens_to_ids("house"))
+    dummy = _mixed(problem, ids, 0, 3, wrong)
+    pool = substitutes(problem, dummy, 4)
+    assert pool.shape == (*ids.shape, 4)
+    assert int(problem.nearest(dummy)[0, 3]) == wrong  # the nearest token is the dominant, wrong one
+    assert pool[0, 3, :2].tolist() == [wrong, int(ids[0, 3])]  # pursuit's second atom is the true one
+    assert torch.equal(pool[0, 1:-1, 0], ids[0, 1:-1].where(torch.arange(ids.shape[1] - 2) != 2, wrong))
+    assert bool(problem.allowed[pool].all())  # never a special or placeholder token
+
+
+def test_polish_substitutes_and_exchanges_its_way_back_to_the_batch(bert_tiny, make_victim_batch):
+    # `lamp`'s final search, from a batch with one position a mixture (its nearest token wrong) and
+    # two tokens exchanged between the sequences: the gradient distance alone (no prior) leads back
+    batch = make_victim_batch(bert_tiny, "cola", 2, 5, max_words=10)
+    knowledge = Knowledge(batch_size=2, lengths=batch.lengths, labels=tuple(batch.labels.tolist()))
+    gen = torch.Generator().manual_seed(0)
+    problem = prepare("lamp", bert_tiny, fedsgd(bert_tiny, batch), knowledge, gen)
+    scorer = _Scorer(problem, layerwise_cos, None, 0.0, AttackOptions(prior="none"), {})
+    truth = batch.input_ids[:, : problem.mask.shape[1]]
+    ids = truth.clone()
+    ids[0, 2], ids[1, 3] = truth[1, 3], truth[0, 2]
+    assert int(ids[0, 2]) != int(ids[1, 3])
+    wrong = int(bert_tiny.tokenizer.convert_tokens_to_ids("house"))
+    result = polish(scorer, _mixed(problem, ids, 1, 1, wrong), torch.Generator().manual_seed(0), rounds=10)
+    assert batch.texts == ("bill was struck by john as stupid", "i know you like the back of my hand")
+    assert result.before == 1.0 and result.after == pytest.approx(0.0, abs=1e-4)
+    assert problem.token_rows(problem.nearest(result.dummy)) == problem.token_rows(truth)
+    assert result.moved == 2  # measured: one exchange and one substitution

@@ -103,9 +103,10 @@ def test_a_discrete_phase_never_raises_its_score(bert_tiny, make_victim_batch, t
             assert torch.equal(result.dummy[row, n - 1 :], dummy[row, n - 1 :])  # [SEP] and padding
         dummy = result.dummy
     # measured (bert-tiny, seed 0, the gpt2-tiny prior): the first two phases reorder and lower the
-    # total (relative distance + 0.5 * NLL), the third finds nothing better and keeps the order
+    # total (relative distance + 0.5 * NLL per victim token), the third finds nothing better and
+    # keeps the order
     assert [moved for _, _, moved in phases] == [2, 1, 0]
-    assert phases[0][:2] == pytest.approx((6.4766, 6.3214), abs=1e-3)
+    assert phases[0][:2] == pytest.approx((8.9805, 8.7934), abs=1e-3)
     assert phases[2][0] == phases[2][1]
 
 
@@ -118,7 +119,7 @@ def test_lamp_end_to_end_with_a_prior_recovers_a_short_sentence():
     assert record.scores.rouge1 == pytest.approx(100.0)
     out = record.to_json()
     assert out["prior"] == "gpt2-tiny" and out["spec"]["prior"] == "gpt2-tiny"
-    assert "prior gpt2-tiny (weight 0.5 on its mean NLL per token)" in record.notes
+    assert "prior gpt2-tiny (weight 0.5 on its NLL per token)" in record.notes
     assert "2 discrete phases" in record.notes[-1]
 
 

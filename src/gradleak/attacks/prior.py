@@ -53,10 +53,11 @@ class LanguagePrior:
         return ids[: self.max_tokens]
 
     @torch.no_grad()
-    def nll(self, texts: Sequence[str], *, batch: int = 32) -> torch.Tensor:
+    def nll(self, texts: Sequence[str], *, batch: int = 32, total: bool = False) -> torch.Tensor:
         """Mean negative log-likelihood per predicted token of each text (natural log, float64 on
-        the CPU). ln(perplexity), in other words. An empty text scores 0.0, and so does one the
-        tokenizer turns into a single token (nothing to predict)."""
+        the CPU). ln(perplexity), in other words; with `total`, the sum over the predicted tokens
+        instead. An empty text scores 0.0, and so does one the tokenizer turns into a single token
+        (nothing to predict)."""
         out = torch.zeros(len(texts), dtype=torch.float64)
         encoded = [self._encode(t) for t in texts]
         order = [i for i, ids in enumerate(encoded) if len(ids) >= 2]
@@ -74,7 +75,7 @@ class LanguagePrior:
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             picked = logp.gather(-1, ids[:, 1:, None])[..., 0]
             keep = mask[:, 1:].to(picked.dtype)
-            per_text = -(picked * keep).sum(1) / keep.sum(1)
+            per_text = -(picked * keep).sum(1) / (1 if total else keep.sum(1))
             for row, i in enumerate(chunk):
                 out[i] = float(per_text[row])
         return out

@@ -49,6 +49,12 @@ def test_the_default_audit_is_both_attacks_with_and_without_the_defence():
     assert {"exact"} < {j.spec.attack for j in jobs}  # and a gradient-matching attack
 
 
+def test_the_audit_passes_its_prior_to_every_run():
+    jobs = AuditSpec(attacks=("lamp", "tag"), prior="none").jobs()
+    assert {(j.spec.attack, j.spec.prior) for j in jobs} == {("lamp", "none"), ("tag", "none")}
+    assert AuditSpec(attacks=("lamp",)).jobs()[0].spec.prior == "smollm2"  # the default
+
+
 def test_verdict_names_the_strongest_attack_and_epsilon():
     spec = AuditSpec(defenses=("dp-sgd:clip=1,multiplier=1",))
     data = ReportData(
@@ -134,6 +140,7 @@ def test_audit_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
         (("audit", "--batch-size", "0"), "batch size must be at least 1"),
         (("audit", "--out", str(tmp_path / "no" / "such" / "r.html")), "cannot write the report"),
         (("audit", "--store", str(tmp_path)), "is a directory"),
+        (("audit", "--attack", "lamp", "--prior", "minilm"), "prior 'minilm' is an encoder"),
     ]:
         code, stderr = main_in_process(args, capsys, monkeypatch)
         assert code == 2, (args, stderr)

@@ -46,6 +46,7 @@ def _spec(**kw) -> FlSpec:
         (("--dp-clip", "1"), "--dp-clip does not apply with --flower-dp none"),
         (("--local-steps", "2", "--defense", "dp-sgd:clip=1,multiplier=1"), "use --local-steps 1"),
         (("--defense", "withhold:params=embeddings"), "withhold cannot apply in fl"),
+        (("--attack", "lamp", "--prior", "minilm"), "prior 'minilm' is an encoder"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys, monkeypatch):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradleak.errors import GradleakError
 from gradleak.knowledge import Knows
+from gradleak.spec import DEFAULT_PRIOR
 from gradleak.sweeps.jobs import Job
 from gradleak.threshold import DEFAULT_BISECT, DEFAULT_LEAK_ROUGE, Knob, LeakCriterion, ThresholdScan
 
@@ -66,6 +67,7 @@ class AuditSpec:
     delta: float = 1e-5
     accountant: str = "rdp"
     knows: Knows = Knows()  # what the server knows of the batch (`--knows`): the runs' known_* fields
+    prior: str = DEFAULT_PRIOR  # the language prior of the attacks that read one (lamp, exact-robust)
     # the threshold scan and the deployment it is accounted for
     scan: bool = True
     leak_rouge1: float = DEFAULT_LEAK_ROUGE  # leakage stops below this ROUGE-1 (and no sentence exact)
@@ -134,6 +136,7 @@ class AuditSpec:
             defenses=chain,
             delta=self.delta,
             accountant=self.accountant,
+            prior=self.prior,
             **self.knows.spec_fields(),
         )
         spec.validate()

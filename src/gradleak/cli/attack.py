@@ -8,8 +8,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gradleak.cli.common import KnowsOption, LabelColumnOption, TextColumnOption, err, progress, write_json
+from gradleak.cli.common import (
+    KnowsOption,
+    LabelColumnOption,
+    PriorOption,
+    TextColumnOption,
+    err,
+    progress,
+    write_json,
+)
 from gradleak.knowledge import DEFAULT_KNOWS, parse_knows
+from gradleak.spec import DEFAULT_PRIOR
 
 
 def attack(
@@ -52,13 +61,7 @@ def attack(
     ] = None,
     attack_lr: Annotated[float, typer.Option(help="Learning rate of gradient-matching attacks.")] = 0.01,
     optimizer: Annotated[str, typer.Option(help="adam or lbfgs.")] = "adam",
-    prior: Annotated[
-        str,
-        typer.Option(
-            help="Language prior of lamp's discrete moves: smollm2, any causal LM (gpt2-tiny, a model "
-            "directory, ...), or none. Other attacks ignore it."
-        ),
-    ] = "smollm2",
+    prior: PriorOption = DEFAULT_PRIOR,
     knows: KnowsOption = DEFAULT_KNOWS,
     share: Annotated[
         list[str] | None,

@@ -35,6 +35,13 @@ TextColumnOption = Annotated[
 LabelColumnOption = Annotated[
     str | None, typer.Option(help="The label column of a table or hf: data set (found by name if not given).")
 ]
+PriorOption = Annotated[
+    str,
+    typer.Option(
+        help="Language prior of the attacks that read one (lamp's discrete moves, exact-robust's beams): "
+        "smollm2, any causal LM (gpt2-tiny, a model directory, ...), or none. Other attacks ignore it."
+    ),
+]
 KnowsOption = Annotated[
     str,
     typer.Option(

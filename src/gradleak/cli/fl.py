@@ -10,8 +10,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gradleak.cli.common import KnowsOption, LabelColumnOption, TextColumnOption, finish_runs, write_json
+from gradleak.cli.common import (
+    KnowsOption,
+    LabelColumnOption,
+    PriorOption,
+    TextColumnOption,
+    finish_runs,
+    write_json,
+)
 from gradleak.knowledge import DEFAULT_KNOWS, parse_knows
+from gradleak.spec import DEFAULT_PRIOR
 
 
 def fl(
@@ -39,8 +47,12 @@ def fl(
     local_steps: Annotated[int, typer.Option(help="Local SGD steps K per round (FedAvg).")] = 1,
     local_lr: Annotated[float, typer.Option(help="Local SGD learning rate (known to the server).")] = 0.01,
     attack: Annotated[
-        str, typer.Option("--attack", help="The server's attack: exact, exact-robust, dlg, tag or cos.")
+        str,
+        typer.Option(
+            "--attack", help="The server's attack: exact, exact-robust, dlg, tag, cos, lamp or lamp-l1l2."
+        ),
     ] = "exact",
+    prior: PriorOption = DEFAULT_PRIOR,
     iterations: Annotated[int, typer.Option(help="Optimisation steps of gradient-matching attacks.")] = 100,
     attack_lr: Annotated[float, typer.Option(help="Learning rate of gradient-matching attacks.")] = 0.01,
     optimizer: Annotated[str, typer.Option(help="adam or lbfgs.")] = "adam",
@@ -111,6 +123,7 @@ def fl(
         local_steps=local_steps,
         local_lr=local_lr,
         attack=attack,
+        prior=prior,
         iterations=iterations,
         attack_lr=attack_lr,
         optimizer=optimizer,

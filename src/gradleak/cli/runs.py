@@ -20,6 +20,7 @@ from gradleak.cli.common import (
     JsonOut,
     KnowsOption,
     LabelColumnOption,
+    PriorOption,
     TextColumnOption,
     console_for,
     failed_count,
@@ -30,6 +31,7 @@ from gradleak.cli.common import (
 )
 from gradleak.errors import GradleakError
 from gradleak.knowledge import DEFAULT_KNOWS, parse_knows
+from gradleak.spec import DEFAULT_PRIOR
 
 
 def _run(
@@ -209,6 +211,7 @@ def audit(
     ] = "gradleak-audit.sqlite",
     out: Annotated[Path, typer.Option(help="The HTML report to write.")] = Path("gradleak-audit.html"),
     knows: KnowsOption = DEFAULT_KNOWS,
+    prior: PriorOption = DEFAULT_PRIOR,
     json_out: JsonOut = None,
 ) -> None:
     """The main job: attack one client's update with and without a defence, find where each attack's
@@ -233,6 +236,7 @@ def audit(
         delta=delta,
         accountant=accountant,
         knows=known,
+        prior=prior,
         scan=scan,
         leak_rouge1=leak_threshold,
         bisect=bisect_steps,

@@ -131,10 +131,11 @@ def test_lamp_without_a_prior(bert_tiny, make_victim_batch):
         Knowledge(batch_size=1),
         AttackOptions(iterations=50, prior="none"),
     )
-    assert len(rec.trace) == 50 and rec.token_ids[0][0] == bert_tiny.tokenizer.cls_token_id
+    # the run's 50 steps, then two restarts of 50 // 3 from the searched tokens
+    assert len(rec.trace) == 50 + 2 * 16 and rec.token_ids[0][0] == bert_tiny.tokenizer.cls_token_id
     assert len(rec.token_ids[0]) == batch.lengths[0]  # inferred from the position gradient
-    # one phase at step 50, then the reordering of the final tokens
-    assert "prior none" in rec.notes and "2 discrete phases (the last on the final tokens)" in rec.notes[-1]
+    # one phase at step 50 (the restarts are too short for one), and three searches of the tokens
+    assert "prior none" in rec.notes and "4 discrete phases (3 of them token searches)" in rec.notes[-1]
 
 
 def test_the_prior_is_keyed_only_where_the_attack_reads_it():

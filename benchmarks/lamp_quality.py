@@ -8,8 +8,8 @@ Each variant is an attack, optionally with `:PRIOR` (`lamp:none` is LAMP without
 default prior is smollm2); every variant of a cell runs on the same batches (seeds 0..batches-1,
 which draw the batch and the victim's initialisation). LAMP's constants and the choice of the
 relative candidate score were tried on other seeds (bert-tiny CoLA 101-103, MiniLM CoLA 101-102),
-and the cosine variant's repair (issue 20) on bert-tiny 101-106 and MiniLM 101-103 (`--first-seed`),
-never on seeds 0..N-1. Writes the section `--section` of
+and the cosine variant's repair and token search (issue 20) on bert-tiny 101-114 and MiniLM
+101-103 (`--first-seed`), never on seeds 0..N-1. Writes the section `--section` of
 benchmarks/RESULTS.md after each cell (marked in progress until the end) and prints the table.
 """
 

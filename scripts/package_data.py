@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             gz.write(data)
         lines = text.count("\n")
         digest = hashlib.sha256(data).hexdigest()[:16]
-        print(f"{target.name}: {lines} lines, {len(data)} bytes UTF-8 (sha256 {digest}), "
-              f"{target.stat().st_size} bytes gzipped")
+        print(
+            f"{target.name}: {lines} lines, {len(data)} bytes UTF-8 (sha256 {digest}), "
+            f"{target.stat().st_size} bytes gzipped"
+        )
     return 0
 
 

@@ -86,6 +86,7 @@ bert-tiny and 101-103 of MiniLM, B = 1, 300 steps, never on the benchmark's seed
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -196,8 +197,7 @@ def total(distance: float, reference: float, nll: float, weight: float) -> float
 
 @dataclass
 class _Scorer:
-    """Scores candidate dummies of one problem: gradient distance, and the prior's NLL of the texts
-    (cached: the current order recurs in every phase)."""
+    """Scores candidate dummies of one problem: gradient distance, and the prior's NLL of the texts."""
 
     problem: Matching
     measure: Distance
@@ -210,30 +210,32 @@ class _Scorer:
         grads = self.problem.gradients(dummy, create_graph=False)
         return float(self.measure(grads, list(self.problem.true), self.options))
 
-    def nll(self, texts: list[str], rows: list[int]) -> list[float]:
-        """The prior's NLL of each text (sequence `rows[k]`'s) per victim token: its total NLL over
-        the sequence's free positions. Not the prior's mean per token of its own: that rewards texts
-        the prior splits finely (a number's digits are one token each, and predictable), and a
-        sequence's free positions do not change during the search, so this compares likelihoods."""
+    def totals(self, texts: list[str]) -> list[float]:
+        """The prior's total NLL of each text (cached: the current order recurs in every phase)."""
         if self.prior is None:
             return [0.0] * len(texts)
         todo = sorted({t for t in texts if t not in self.cache})
         if todo:
             for text, value in zip(todo, self.prior.nll(todo, total=True).tolist(), strict=True):
                 self.cache[text] = value
-        return [self.cache[t] / max(1, self.free_counts[r]) for t, r in zip(texts, rows, strict=True)]
+        return [self.cache[t] for t in texts]
 
-    @property
+    def nll(self, texts: list[str], rows: list[int]) -> list[float]:
+        """The prior's NLL of each text (sequence `rows[k]`'s) per victim token: its total NLL over
+        the sequence's free positions. Not the prior's mean per token of its own: that rewards texts
+        the prior splits finely (a number's digits are one token each, and predictable), and a
+        sequence's free positions do not change during the search, so this compares likelihoods."""
+        counts = self.free_counts
+        return [v / max(1, counts[r]) for v, r in zip(self.totals(texts), rows, strict=True)]
+
+    @functools.cached_property
     def free_counts(self) -> list[int]:
+        """Each sequence's free positions (`_free`), which the search never changes."""
         return [int(c) for c in (self.problem.mask.bool() & ~self.problem.fixed).sum(1)]
 
     def batch_nll(self, texts: list[str]) -> float:
         """The prior's NLL per victim token over the batch's texts (one per sequence, in order)."""
-        if self.prior is None:
-            return 0.0
-        counts = self.free_counts
-        per_token = self.nll(texts, list(range(len(texts))))
-        return sum(v * c for v, c in zip(per_token, counts, strict=True)) / max(1, sum(counts))
+        return sum(self.totals(texts)) / max(1, sum(self.free_counts))
 
     def text(self, dummy: torch.Tensor, row: int) -> str:
         ids = self.problem.token_rows(self.problem.nearest(dummy))[row]

@@ -97,6 +97,7 @@ import torch
 from gradleak.attacks.base import AttackOptions, Knowledge, Progress, Reconstruction, register
 from gradleak.attacks.matching import TAG, Distance, Matching, layerwise_cos, optimise, prepare
 from gradleak.attacks.prior import LanguagePrior, load_prior
+from gradleak.attacks.subspace import span_term
 from gradleak.attacks.tokens import decode
 from gradleak.client import Update
 from gradleak.victims import Victim
@@ -113,6 +114,7 @@ SUBSTITUTES = 6  # `lamp`'s final search: candidate tokens per position (matchin
 POLISH_EVALS = 1500  # `lamp`'s final search: gradient evaluations at most (each of its two searches half)
 RESTARTS = 2  # `lamp`: continuous runs of a third of the steps restarted from the searched tokens
 FINAL_ROUNDS = 30  # `lamp`'s final search: sweeps per stage at most (each stage stops when none moves)
+SPAN_WEIGHT = 1.0  # `lamp-span`: weight of the span term (`subspace`) in the continuous objective
 
 MOVES = ("swap", "move-token", "move-span", "reverse-span", "prefix-to-end")
 
@@ -435,6 +437,7 @@ class Lamp:
     distance: Distance  # of the continuous steps and of the candidates
     final_rounds: int = 0  # greedy rounds of reordering the final pick's tokens (0: none)
     uses_prior: bool = True  # the run spec's `prior` is this attack's (and part of its run's key)
+    span: bool = False  # add the first attention's span term (`subspace.span_term`) to the objective
 
     def searched(
         self,
@@ -473,10 +476,12 @@ class Lamp:
         scorer = _Scorer(problem, self.distance, prior, weight, options, {})
         dummy = initial_dummy(problem, scorer, gen)
         norm_scale = NORM_WEIGHT / problem.mean_norm**2
+        term, span_note = span_term(problem, update, knowledge) if self.span else (None, "")
 
         def objective(d: torch.Tensor) -> torch.Tensor:
             grads = problem.gradients(d, create_graph=True)
-            return self.distance(grads, list(problem.true), options) + norm_scale * problem.norm_penalty(d)
+            value = self.distance(grads, list(problem.true), options) + norm_scale * problem.norm_penalty(d)
+            return value if term is None else value + SPAN_WEIGHT * term(problem, d)
 
         phases: list[PhaseResult] = []
 
@@ -508,6 +513,7 @@ class Lamp:
             f"{len(phases)} discrete phases"
             + (f" ({RESTARTS + 1} of them token searches)" if self.final_rounds else "")
             + f", {sum(p.moved for p in phases)} moves kept",
+            *((span_note,) if self.span else ()),
         )
         log.info("lamp: %s; final total %.4f", "; ".join(notes), min(totals))
         return problem.reconstruction(final, trace, start, notes)
@@ -515,3 +521,4 @@ class Lamp:
 
 LAMP = register(Lamp("lamp", layerwise_cos, final_rounds=FINAL_ROUNDS))
 LAMP_L1L2 = register(Lamp("lamp-l1l2", TAG.distance))
+LAMP_SPAN = register(Lamp("lamp-span", layerwise_cos, final_rounds=FINAL_ROUNDS, span=True))

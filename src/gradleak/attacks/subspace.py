@@ -1,0 +1,90 @@
+"""The first attention's input subspace as a term of gradient matching (`lamp-span`).
+
+A linear map applied token-wise has the weight gradient sum_i delta_i x_i^T, so the rows of the
+first attention's query/key/value gradients span the inputs x_i of the private tokens (`spans`).
+Gradient matching by distance sees little of that: the gradient's singular values fall steeply
+(on bert-tiny, CoLA tuning seed 104, the first query's second is 2e-2 of its first and the next
+eighteen 4e-4 to 1e-5), so a dummy whose inputs leave the span by far moves the cosine by less than
+its rounding. The continuous optimum then matches the gradient to a cosine distance of 1e-5 while
+half its tokens are wrong: a mixture of embeddings that only the small directions would tell apart.
+
+This term is the mean over the dummy's free positions of the squared relative distance of their
+first-attention inputs to that span: 0 at the private tokens, about 1 - rank / width at random
+ones, whatever the singular values. It is TIGER's idea (Kalikman et al., 2026: optimise token
+embeddings against the attention-gradient subspace) added to LAMP's objective; DAGER (Petrov et al.,
+2024) tests discrete candidates against the same span. On a perturbed update the span is
+`spans.weighted_span_of`'s (directions above the noise bulk, weighted by their signal share), as in
+`exact-robust`; on a clean update whose span fills the width (batch tokens >= the width) the term
+carries nothing and is left out, which the reconstruction's notes say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gradleak.attacks.base import Knowledge
+from gradleak.attacks.matching import Matching
+from gradleak.attacks.spans import span_of, weighted_span_of
+from gradleak.attacks.structure import gradient_rows, input_views, pick_view, stop_module
+from gradleak.client import Update
+
+
+class _Stop(Exception):
+    """Raised by the hook once the first attention's input is captured: the rest of the pass is not needed."""
+
+
+@dataclass(frozen=True)
+class SpanTerm:
+    module: nn.Module  # where the first attention's input is captured (its query/key/value read it)
+    basis: torch.Tensor  # (width, rank): orthonormal, or weighted by signal share (perturbed updates)
+    note: str
+
+    def inputs(self, problem: Matching, dummy: torch.Tensor) -> torch.Tensor:
+        """(B, L, width): the first attention's inputs for the dummy, differentiable in it."""
+        captured: list[torch.Tensor] = []
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _Stop
+
+        victim = problem.victim
+        handle = self.module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            inputs = victim.model_inputs(attention_mask=problem.mask, inputs_embeds=problem.embeds(dummy))
+            victim.model(**inputs)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+    def __call__(self, problem: Matching, dummy: torch.Tensor) -> torch.Tensor:
+        """The mean over free positions of 1 - |basis^T x|^2 / |x|^2 (the squared relative distance)."""
+        x = self.inputs(problem, dummy)[problem.mask.bool() & ~problem.fixed]
+        inside = (x @ self.basis.to(x.dtype)).pow(2).sum(-1)
+        return (1.0 - inside / x.pow(2).sum(-1).clamp_min(1e-30)).mean()
+
+
+def span_term(problem: Matching, update: Update, knowledge: Knowledge) -> tuple[SpanTerm | None, str]:
+    """The term for this problem's update and a note saying what it reads, or None where the span
+    carries nothing (a clean update whose first-layer span fills the width) and a note saying why.
+    Raises `Refusal` (from `structure`) for a model whose first attention it cannot find."""
+    victim = problem.victim
+    grads = update.gradients()
+    view = pick_view(grads, input_views(victim, 0))
+    if any(p.reads is not None or p.name not in grads for p in view):
+        return None, "span term off: the first attention's input shows in no shared gradient"
+    rows = gradient_rows(grads, view)
+    if knowledge.perturbed:
+        span = weighted_span_of(rows)
+        note = f"span term: first-attention inputs against the span above the noise (rank {span.rank})"
+    else:
+        span = span_of(rows)
+        if span.full:
+            return None, f"span term off: the first layer's gradient spans its whole width ({span.dim})"
+        note = f"span term: first-attention inputs against the gradient's span (rank {span.rank}/{span.dim})"
+    module = stop_module(victim, view[0])
+    return SpanTerm(module, span.basis.to(device=victim.device, dtype=victim.dtype), note), note

@@ -1,8 +1,11 @@
 """LAMP (Balunovic et al., NeurIPS 2022): gradient matching with discrete moves and a language prior.
 
-Two variants, as in the paper: `lamp` matches with LAMP's cosine distance (`matching.layerwise_cos`:
-1 - cosine per parameter tensor, averaged; the `cos` attack takes one cosine of the whole gradient,
-which the largest tensors dominate), `lamp-l1l2` with TAG's L2 + L1 distance; both add the
+Two variants, as in the paper, and one of ours: `lamp` matches with LAMP's cosine distance
+(`matching.layerwise_cos`: 1 - cosine per parameter tensor, averaged; the `cos` attack takes one
+cosine of the whole gradient, which the largest tensors dominate), `lamp-l1l2` with TAG's L2 + L1
+distance, and `lamp-span` is `lamp` with the first attention's span term in its continuous
+objective (`subspace`: the dummy's first-attention inputs held to the row span of the shared
+query/key/value gradients, which a distance between gradients barely sees); all add the
 embedding-norm regulariser (relative to the vocabulary's mean norm: LAMP's weight 1 at BERT-base's
 norm 1.4 is about `NORM_WEIGHT`) and work on the gradient-matching problem of `matching.prepare`
 (lengths and labels given or inferred, [CLS]/[SEP] kept fixed) with its optimiser

@@ -3,15 +3,19 @@
 A linear map applied token-wise has the weight gradient sum_i delta_i x_i^T, so the rows of the
 first attention's query/key/value gradients span the inputs x_i of the private tokens (`spans`).
 Gradient matching by distance sees little of that: the gradient's singular values fall steeply
-(on bert-tiny, CoLA tuning seed 104, the first query's second is 2e-2 of its first and the next
-eighteen 4e-4 to 1e-5), so a dummy whose inputs leave the span by far moves the cosine by less than
-its rounding. The continuous optimum then matches the gradient to a cosine distance of 1e-5 while
-half its tokens are wrong: a mixture of embeddings that only the small directions would tell apart.
+(bert-tiny, an 18-token CoLA sentence: the first query's second is 3.4e-2 of its first, the next
+sixteen 6e-4 to 2e-5, the span's edge at 3e-8; `tests/test_subspace.py`), so a dummy whose inputs
+leave the span in the small directions moves a cosine or L2 distance by about the squares of those
+ratios. The continuous optimum of `lamp` then matches the gradient while several tokens are wrong
+(a mixture of embeddings that only the small directions would tell apart: CoLA seed 108 in the same
+test, where `lamp` falls short and `lamp-span` recovers the sentence).
 
 This term is the mean over the dummy's free positions of the squared relative distance of their
-first-attention inputs to that span: 0 at the private tokens, about 1 - rank / width at random
-ones, whatever the singular values. It is TIGER's idea (Kalikman et al., 2026: optimise token
-embeddings against the attention-gradient subspace) added to LAMP's objective; DAGER (Petrov et al.,
+first-attention inputs to that span: 0 at the private tokens whatever the singular values, 0.42
+at random tokens in their places (bert-tiny, 18 tokens: the positions' embeddings lie in the span;
+`tests/test_subspace.py`). It is the idea issue 20 cites from TIGER (Kalikman et al., 2026:
+optimise token embeddings against the attention-gradient subspace; its code not read here) added to
+LAMP's objective; DAGER (Petrov et al.,
 2024) tests discrete candidates against the same span. On a perturbed update the span is
 `spans.weighted_span_of`'s (directions above the noise bulk, weighted by their signal share), as in
 `exact-robust`; on a clean update whose span fills the width (batch tokens >= the width) the term

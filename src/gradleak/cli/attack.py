@@ -37,7 +37,8 @@ def attack(
     label_column: LabelColumnOption = None,
     batch_size: Annotated[int, typer.Option(help="Sentences in the private batch.")] = 1,
     attack: Annotated[
-        str, typer.Option("--attack", help="dlg, tag, cos, lamp, lamp-l1l2, exact or exact-robust.")
+        str,
+        typer.Option("--attack", help="dlg, tag, cos, lamp, lamp-l1l2, lamp-span, exact or exact-robust."),
     ] = "tag",
     iterations: Annotated[int, typer.Option(help="Optimisation steps of gradient-matching attacks.")] = 300,
     seed: Annotated[int, typer.Option(help="Seeds the model, the batch and the attack.")] = 0,

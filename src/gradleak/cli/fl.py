@@ -49,7 +49,8 @@ def fl(
     attack: Annotated[
         str,
         typer.Option(
-            "--attack", help="The server's attack: exact, exact-robust, dlg, tag, cos, lamp or lamp-l1l2."
+            "--attack",
+            help="The server's attack: exact, exact-robust, dlg, tag, cos, lamp, lamp-l1l2 or lamp-span.",
         ),
     ] = "exact",
     prior: PriorOption = DEFAULT_PRIOR,

@@ -9,7 +9,8 @@ default prior is smollm2); every variant of a cell runs on the same batches (see
 which draw the batch and the victim's initialisation). LAMP's constants and the choice of the
 relative candidate score were tried on other seeds (bert-tiny CoLA 101-103, MiniLM CoLA 101-102),
 and the cosine variant's repair and token search (issue 20) on bert-tiny 101-114 and MiniLM
-101-103 (`--first-seed`), never on seeds 0..N-1. Writes the section `--section` of
+101-103 (`--first-seed`), never on seeds 0..N-1; `lamp-span`'s weight (`lamp.SPAN_WEIGHT`) on
+bert-tiny 101-114 (section `lamp_span_tuning`). Writes the section `--section` of
 benchmarks/RESULTS.md after each cell (marked in progress until the end) and prints the table.
 """
 

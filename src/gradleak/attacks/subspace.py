@@ -16,10 +16,17 @@ at random tokens in their places (bert-tiny, 18 tokens: the positions' embedding
 `tests/test_subspace.py`). It is the idea issue 20 cites from TIGER (Kalikman et al., 2026:
 optimise token embeddings against the attention-gradient subspace; its code not read here) added to
 LAMP's objective; DAGER (Petrov et al.,
-2024) tests discrete candidates against the same span. On a perturbed update the span is
-`spans.weighted_span_of`'s (directions above the noise bulk, weighted by their signal share), as in
-`exact-robust`; on a clean update whose span fills the width (batch tokens >= the width) the term
-carries nothing and is left out, which the reconstruction's notes say.
+2024) tests discrete candidates against the same span.
+
+The term is left out, and the reconstruction's notes say so, where the span carries nothing the
+distance lacks: a clean update whose span fills the width (batch tokens >= the width), and a
+perturbed one. Under noise only the directions above the noise bulk are known, and a true token's
+input has parts below it, so a term against that span (`spans.weighted_span_of`'s, as
+`exact-robust` reads it) pulls the inputs into too few directions: on bert-tiny, CoLA, B = 1, it
+lowered ROUGE-1 from `lamp`'s 84.4 to 50.0 at sigma 1e-6 and from 50.0 to 20.0 at 1e-5 (sections
+`noise_lamp_span`, run at commit 5ccc4d0, and `noise_lamp_small` of benchmarks/RESULTS.md: `python
+benchmarks/noise.py --victims bert-tiny --attacks lamp-span --data cola --batch-sizes 1 --sigmas
+1e-6,1e-5 --multipliers '' --tag-batches 2 --tag-iterations 300 --threads 1`).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from torch import nn
 
 from gradleak.attacks.base import Knowledge
 from gradleak.attacks.matching import Matching
-from gradleak.attacks.spans import span_of, weighted_span_of
+from gradleak.attacks.spans import span_of
 from gradleak.attacks.structure import gradient_rows, input_views, pick_view, stop_module
 from gradleak.client import Update
 
@@ -43,7 +50,7 @@ class _Stop(Exception):
 @dataclass(frozen=True)
 class SpanTerm:
     module: nn.Module  # where the first attention's input is captured (its query/key/value read it)
-    basis: torch.Tensor  # (width, rank): orthonormal, or weighted by signal share (perturbed updates)
+    basis: torch.Tensor  # (width, rank) orthonormal
     note: str
 
     def inputs(self, problem: Matching, dummy: torch.Tensor) -> torch.Tensor:
@@ -73,22 +80,19 @@ class SpanTerm:
 
 
 def span_term(problem: Matching, update: Update, knowledge: Knowledge) -> tuple[SpanTerm | None, str]:
-    """The term for this problem's update and a note saying what it reads, or None where the span
-    carries nothing (a clean update whose first-layer span fills the width) and a note saying why.
+    """The term for this problem's update and a note saying what it reads, or None and a note saying
+    why it is left out (a perturbed update, or a clean one whose first-layer span fills the width).
     Raises `Refusal` (from `structure`) for a model whose first attention it cannot find."""
     victim = problem.victim
     grads = update.gradients()
     view = pick_view(grads, input_views(victim, 0))
+    if knowledge.perturbed:
+        return None, "span term off: the update is perturbed (the span's weak directions are under the noise)"
     if any(p.reads is not None or p.name not in grads for p in view):
         return None, "span term off: the first attention's input shows in no shared gradient"
-    rows = gradient_rows(grads, view)
-    if knowledge.perturbed:
-        span = weighted_span_of(rows)
-        note = f"span term: first-attention inputs against the span above the noise (rank {span.rank})"
-    else:
-        span = span_of(rows)
-        if span.full:
-            return None, f"span term off: the first layer's gradient spans its whole width ({span.dim})"
-        note = f"span term: first-attention inputs against the gradient's span (rank {span.rank}/{span.dim})"
+    span = span_of(gradient_rows(grads, view))
+    if span.full:
+        return None, f"span term off: the first layer's gradient spans its whole width ({span.dim})"
+    note = f"span term: first-attention inputs against the gradient's span (rank {span.rank}/{span.dim})"
     module = stop_module(victim, view[0])
     return SpanTerm(module, span.basis.to(device=victim.device, dtype=victim.dtype), note), note

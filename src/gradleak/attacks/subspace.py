@@ -15,8 +15,7 @@ first-attention inputs to that span: 0 at the private tokens whatever the singul
 at random tokens in their places (bert-tiny, 18 tokens: the positions' embeddings lie in the span;
 `tests/test_subspace.py`). It is the idea issue 20 cites from TIGER (Kalikman et al., 2026:
 optimise token embeddings against the attention-gradient subspace; its code not read here) added to
-LAMP's objective; DAGER (Petrov et al.,
-2024) tests discrete candidates against the same span.
+LAMP's objective; DAGER (Petrov et al., 2024) tests discrete candidates against the same span.
 
 The term is left out, and the reconstruction's notes say so, where the span carries nothing the
 distance lacks: a clean update whose span fills the width (batch tokens >= the width), and a
@@ -51,7 +50,6 @@ class _Stop(Exception):
 class SpanTerm:
     module: nn.Module  # where the first attention's input is captured (its query/key/value read it)
     basis: torch.Tensor  # (width, rank) orthonormal
-    note: str
 
     def inputs(self, problem: Matching, dummy: torch.Tensor) -> torch.Tensor:
         """(B, L, width): the first attention's inputs for the dummy, differentiable in it."""
@@ -83,16 +81,16 @@ def span_term(problem: Matching, update: Update, knowledge: Knowledge) -> tuple[
     """The term for this problem's update and a note saying what it reads, or None and a note saying
     why it is left out (a perturbed update, or a clean one whose first-layer span fills the width).
     Raises `Refusal` (from `structure`) for a model whose first attention it cannot find."""
+    if knowledge.perturbed:
+        return None, "span term off: the update is perturbed (the span's weak directions are under the noise)"
     victim = problem.victim
     grads = update.gradients()
     view = pick_view(grads, input_views(victim, 0))
-    if knowledge.perturbed:
-        return None, "span term off: the update is perturbed (the span's weak directions are under the noise)"
     if any(p.reads is not None or p.name not in grads for p in view):
         return None, "span term off: the first attention's input shows in no shared gradient"
     span = span_of(gradient_rows(grads, view))
     if span.full:
         return None, f"span term off: the first layer's gradient spans its whole width ({span.dim})"
     note = f"span term: first-attention inputs against the gradient's span (rank {span.rank}/{span.dim})"
-    module = stop_module(victim, view[0])
-    return SpanTerm(module, span.basis.to(device=victim.device, dtype=victim.dtype), note), note
+    basis = span.basis.to(device=victim.device, dtype=victim.dtype)
+    return SpanTerm(stop_module(victim, view[0]), basis), note

@@ -248,3 +248,20 @@ def test_polish_substitutes_and_exchanges_its_way_back_to_the_batch(bert_tiny, m
     assert result.before == 1.0 and result.after == pytest.approx(0.0, abs=1e-4)
     assert problem.token_rows(problem.nearest(result.dummy)) == problem.token_rows(truth)
     assert result.moved == 2  # measured: one exchange and one substitution
+
+
+def test_polish_exchanges_tails_where_sentences_sit_in_each_others_lengths(bert_tiny, make_victim_batch):
+    # the continuous phase can put each sentence of a batch in the other's length (seen on B = 2
+    # tuning seeds): one exchange of the parts both sequences fill puts them back
+    batch = make_victim_batch(bert_tiny, "cola", 2, 5, max_words=10)
+    knowledge = Knowledge(batch_size=2, lengths=batch.lengths, labels=tuple(batch.labels.tolist()))
+    gen = torch.Generator().manual_seed(0)
+    problem = prepare("lamp", bert_tiny, fedsgd(bert_tiny, batch), knowledge, gen)
+    scorer = _Scorer(problem, layerwise_cos, None, 0.0, AttackOptions(prior="none"), {})
+    truth = batch.input_ids[:, : problem.mask.shape[1]]
+    common = min(batch.lengths) - 1  # the positions after [CLS] that both sentences fill ([SEP] is fixed)
+    ids = truth.clone()
+    ids[0, 1:common], ids[1, 1:common] = truth[1, 1:common], truth[0, 1:common]
+    result = polish(scorer, problem.embedding[ids], torch.Generator().manual_seed(0), rounds=10)
+    assert problem.token_rows(problem.nearest(result.dummy)) == problem.token_rows(truth)
+    assert result.after == pytest.approx(0.0, abs=1e-4) and result.moved == 1

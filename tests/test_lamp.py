@@ -230,15 +230,22 @@ def test_matching_pursuit_pools_hold_the_tokens_of_a_mixture(bert_tiny, make_vic
     assert bool(problem.allowed[pool].all())  # never a special or placeholder token
 
 
-def test_polish_substitutes_and_exchanges_its_way_back_to_the_batch(bert_tiny, make_victim_batch):
-    # `lamp`'s final search, from a batch with one position a mixture (its nearest token wrong) and
-    # two tokens exchanged between the sequences: the gradient distance alone (no prior) leads back
+def _polish_setup(bert_tiny, make_victim_batch):
+    """A CoLA batch of two, its matching problem (labels and lengths given), a scorer without a prior
+    and the true ids."""
     batch = make_victim_batch(bert_tiny, "cola", 2, 5, max_words=10)
     knowledge = Knowledge(batch_size=2, lengths=batch.lengths, labels=tuple(batch.labels.tolist()))
     gen = torch.Generator().manual_seed(0)
     problem = prepare("lamp", bert_tiny, fedsgd(bert_tiny, batch), knowledge, gen)
     scorer = _Scorer(problem, layerwise_cos, None, 0.0, AttackOptions(prior="none"), {})
     truth = batch.input_ids[:, : problem.mask.shape[1]]
+    return batch, problem, scorer, truth
+
+
+def test_polish_substitutes_and_exchanges_its_way_back_to_the_batch(bert_tiny, make_victim_batch):
+    # `lamp`'s final search, from a batch with one position a mixture (its nearest token wrong) and
+    # two tokens exchanged between the sequences: the gradient distance alone (no prior) leads back
+    batch, problem, scorer, truth = _polish_setup(bert_tiny, make_victim_batch)
     ids = truth.clone()
     ids[0, 2], ids[1, 3] = truth[1, 3], truth[0, 2]
     assert int(ids[0, 2]) != int(ids[1, 3])
@@ -253,12 +260,7 @@ def test_polish_substitutes_and_exchanges_its_way_back_to_the_batch(bert_tiny, m
 def test_polish_exchanges_tails_where_sentences_sit_in_each_others_lengths(bert_tiny, make_victim_batch):
     # the continuous phase can put each sentence of a batch in the other's length (seen on B = 2
     # tuning seeds): one exchange of the parts both sequences fill puts them back
-    batch = make_victim_batch(bert_tiny, "cola", 2, 5, max_words=10)
-    knowledge = Knowledge(batch_size=2, lengths=batch.lengths, labels=tuple(batch.labels.tolist()))
-    gen = torch.Generator().manual_seed(0)
-    problem = prepare("lamp", bert_tiny, fedsgd(bert_tiny, batch), knowledge, gen)
-    scorer = _Scorer(problem, layerwise_cos, None, 0.0, AttackOptions(prior="none"), {})
-    truth = batch.input_ids[:, : problem.mask.shape[1]]
+    batch, problem, scorer, truth = _polish_setup(bert_tiny, make_victim_batch)
     common = min(batch.lengths) - 1  # the positions after [CLS] that both sentences fill ([SEP] is fixed)
     ids = truth.clone()
     ids[0, 1:common], ids[1, 1:common] = truth[1, 1:common], truth[0, 1:common]

@@ -376,20 +376,27 @@ def _token_moves(
              for q in f.tolist() if int(ids[row, p]) != int(ids[other, q])]  # fmt: skip
     for k in torch.randperm(len(pairs), generator=gen)[:CANDIDATES].tolist():
         p, other, q = pairs[k]
-        trial_ids, trial_pool = ids.clone(), pool.clone()
-        trial_ids[row, p], trial_ids[other, q] = ids[other, q], ids[row, p]
-        trial_pool[row, p], trial_pool[other, q] = pool[other, q], pool[row, p]
-        out.append((trial_ids, trial_pool))
+        out.append(_exchanged(tokens, row, p, other, q))
     for other, f in enumerate(frees):  # tails: the positions from p on that both sequences fill
         common = sorted(set(free.tolist()) & set(f.tolist())) if other != row else []
         for k in range(len(common)):
             span = torch.tensor(common[k:], device=ids.device)
             if bool((ids[row, span] != ids[other, span]).any()):
-                trial_ids, trial_pool = ids.clone(), pool.clone()
-                trial_ids[row, span], trial_ids[other, span] = ids[other, span], ids[row, span]
-                trial_pool[row, span], trial_pool[other, span] = pool[other, span], pool[row, span]
-                out.append((trial_ids, trial_pool))
+                out.append(_exchanged(tokens, row, span, other, span))
     return out
+
+
+def _exchanged(
+    tokens: Tokens, row: int, at: int | torch.Tensor, other: int, other_at: int | torch.Tensor
+) -> Tokens:
+    """`tokens` with sequence `row`'s tokens at `at` and sequence `other`'s at `other_at` exchanged
+    (positions or index tensors of the same size), their pools with them."""
+    out = []
+    for t in tokens:
+        swapped = t.clone()
+        swapped[row, at], swapped[other, other_at] = t[other, other_at], t[row, at]
+        out.append(swapped)
+    return out[0], out[1]
 
 
 def polish(scorer: _Scorer, dummy: torch.Tensor, gen: torch.Generator, rounds: int) -> PhaseResult:
